@@ -1,0 +1,3 @@
+from .fourier import fourier_crop
+
+__all__ = ["fourier_crop"]

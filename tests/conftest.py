@@ -1,0 +1,56 @@
+"""Shared fixtures: a small procedural data set (made once per test session) and a tiny-MAE run helper."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# A tiny MAE and small batches: each run takes seconds on 2 CPU cores.
+TINY = [
+    "model.img_size=32", "model.patch_size=8", "model.embed_dim=64", "model.depth=2", "model.num_heads=2",
+    "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2", "model.norm_pix_loss=false",
+    "train.batch_size=16", "data.num_workers=1", "data.shuffle_buffer=64", "optim.blr=1e-2", "optim.warmup_epochs=0.5",
+    "log.progress_bar=false", "log.every_steps=1", "log.vis_every_epochs=0", "checkpoint.every_minutes=0",
+]
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    from mae_curriculum.data.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("demo_data")
+    make_synthetic_dataset(root, train_size=480, val_size=64, size=32, samples_per_shard=100, seed=0)
+    return root
+
+
+def pretrain_cmd(out: Path, data: Path, *overrides: str, launcher: list[str] | None = None) -> list[str]:
+    base = launcher or [sys.executable]
+    return [*base, str(ROOT / "pretrain.py"), "--config", str(ROOT / "configs" / "demo.yaml"), *TINY,
+            f"output_dir={out}", f"data.train_shards={data / 'train'}", f"data.val_shards={data / 'val'}",
+            *overrides]
+
+
+def run(cmd: list[str], timeout: int = 300, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, **kw)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
