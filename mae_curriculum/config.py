@@ -129,6 +129,7 @@ class FaultsConfig:
     kill_at_step: int = 0  # SIGKILL this process right after optimizer step N (0 = off)
     kill_after_save_at_step: int = 0  # SIGKILL right after the checkpoint of step N is complete
     kill_during_save_at_step: int = 0  # SIGKILL while saving step N: DeepSpeed files written, marker not yet
+    disk_full_at_step: int = 0  # the save of step N fails with ENOSPC (as on a full disk)
 
 
 @dataclass
@@ -178,7 +179,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = get_args(tp) or (Any,)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
@@ -334,6 +335,14 @@ def validate_data(d: DataConfig) -> None:
     _check(len(d.mean) == len(d.std) and all(s > 0 for s in d.std), "data.mean/std must have equal length, std > 0")
 
 
+def check_shards_path(d: DataConfig) -> None:
+    """Shard folders must exist (unless the demo data set is generated on first use)."""
+    if not d.synthetic_if_missing and not Path(d.train_shards).is_dir():
+        raise ConfigError(f"data.train_shards: folder not found: {d.train_shards}")
+    if d.val_shards and not d.synthetic_if_missing and not Path(d.val_shards).is_dir():
+        raise ConfigError(f"data.val_shards: folder not found: {d.val_shards}")
+
+
 def validate_checkpoint(c: CheckpointConfig) -> None:
     _check(c.keep_last >= 1, f"checkpoint.keep_last must be >= 1; got {c.keep_last}")
     for k in ("every_steps", "every_epochs", "keep_every_epochs"):
@@ -365,6 +374,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     validate_optim(cfg.optim)
     validate_train(cfg.train)
     validate_data(cfg.data)
+    check_shards_path(cfg.data)
     validate_checkpoint(cfg.checkpoint)
     validate_pruning(cfg.pruning)
     validate_curriculum(cfg.curriculum, cfg.model.img_size, cfg.model.patch_size)

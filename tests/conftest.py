@@ -54,3 +54,21 @@ def scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def deepspeed_launcher(port: int) -> list[str]:
+    import shutil
+
+    return [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(port)]
+
+
+TWO_RANK = ["train.epochs=2", "curriculum.schedule=efficienttrain++", "checkpoint.every_steps=4"]
+
+
+@pytest.fixture(scope="session")
+def two_rank_reference(tmp_path_factory, demo_data) -> Path:
+    """An uninterrupted 2-rank ``deepspeed --num_gpus 2`` run, shared by the tests that compare with it."""
+    out = tmp_path_factory.mktemp("two_rank_ref") / "run"
+    r = run(pretrain_cmd(out, demo_data, *TWO_RANK, launcher=deepspeed_launcher(29561)), timeout=400)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    return out

@@ -13,9 +13,13 @@ def _main(args: argparse.Namespace) -> int:
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)  # validate before starting anything heavy
 
+    from pathlib import Path
+
     from mae_curriculum.engine import dist as D
     from mae_curriculum.engine.logging import setup_console
-    from mae_curriculum.engine.pretrain import run_pretrain
+    from mae_curriculum.engine.pretrain import check_output_dir, run_pretrain
+
+    check_output_dir(Path(cfg.output_dir))  # before any process group: a bad folder fails in a second
 
     D.setup_rank_env(args.local_rank)
     D.init_distributed()

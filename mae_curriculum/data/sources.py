@@ -23,6 +23,9 @@ Layouts (``--format``)
 ``auto`` picks: a tar file whose first image-or-tar member is a ``.tar`` -> imagenet-train-tar, other tar
 files -> tar; a folder with ``val_labels`` -> imagenet-val; any other folder -> imagefolder.
 
+A tree whose top folders include split names (train, val, test, ...) with class folders below is refused
+with a message naming the ``--tar-subdir`` to use (or the split folder to point SRC at).
+
 Classes are the class folders (or inner tars) that hold at least one image file, sorted like Python
 ``sorted`` (torchvision's ImageFolder order). Only files with an image suffix (see ``IMAGE_SUFFIXES``) are
 read; other files and hidden names (``.DS_Store``, ``._x.jpg``) are counted as ignored. Folder and ImageNet

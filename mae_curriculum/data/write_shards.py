@@ -80,6 +80,14 @@ def check_sample(s: Sample) -> None:
         raise ValueError(f"sample {s.key}: cls must be an int, got {type(s.cls).__name__}")
 
 
+def check_split(split: str, samples_per_shard: int) -> None:
+    """Raise ValueError for a split name unfit for file names or a shard size below 1."""
+    if not _SPLIT_RE.fullmatch(split):
+        raise ValueError(f"invalid split name {split!r}: letters, digits, _ and - only")
+    if samples_per_shard < 1:
+        raise ValueError("samples_per_shard must be >= 1")
+
+
 def shard_name(split: str, k: int) -> str:
     return f"{split}-{k:06d}.tar"
 
@@ -168,10 +176,7 @@ def write_samples(
     ``classes`` (names in index order) goes into ``_info.json`` and ``class_index.json``; without it the
     names come from ``meta["class"]`` where given. Raises ValueError on a bad key / duplicate / no sample.
     """
-    if not _SPLIT_RE.fullmatch(split):
-        raise ValueError(f"invalid split name {split!r}: letters, digits, _ and - only")
-    if samples_per_shard < 1:
-        raise ValueError("samples_per_shard must be >= 1")
+    check_split(split, samples_per_shard)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     writer, keys, seen, max_cls = ShardWriter(out, split, samples_per_shard), set(), {}, -1
@@ -357,6 +362,7 @@ def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> dict:
     source = open_source(src, opts.fmt, opts.tar_subdir, opts.val_labels, class_index)
     classes = _resolve_classes(source, class_index, str(opts.class_index))
     split = opts.split or default_split(src, opts.tar_subdir, source.format)
+    check_split(split, opts.samples_per_shard)
     order = list(range(len(source.entries)))
     if opts.shuffle:
         random.Random(opts.seed).shuffle(order)

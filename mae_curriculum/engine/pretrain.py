@@ -7,6 +7,7 @@ One step: uint8 batch -> device -> normalise -> Fourier-crop to the stage's B (o
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -259,8 +260,13 @@ class PretrainRun:
     def save(self, epoch_end: int | None = None) -> None:
         c = self.counters
         state = {"counters": c.to_dict(), "pruner": self.pruner.state_dict()}
-        kill_during = self.cfg.faults.kill_during_save_at_step
-        hook = (lambda: os.kill(os.getpid(), signal.SIGKILL)) if kill_during and c.step == kill_during else None
+        f = self.cfg.faults
+        hook = None
+        if f.kill_during_save_at_step and c.step == f.kill_during_save_at_step:
+            hook = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
+        elif f.disk_full_at_step and c.step == f.disk_full_at_step:
+            def hook():
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         try:
             path = ckpt.save(self.engine, self.ckpt_dir, c.step, state, before_marker=hook)
         except ckpt.CheckpointError as e:
@@ -374,6 +380,7 @@ class PretrainRun:
                     self.tb.add({"faults/nonfinite_skips": c.nonfinite_skips}, c.step)
                     if consecutive_bad >= cfg.train.nan_skip_limit:
                         self._rollback(consecutive_bad)
+                        c = self.counters  # the restored counters
                         consecutive_bad, window, rolled_back = 0, 0, True
                         break
                     continue

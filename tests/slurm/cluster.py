@@ -107,13 +107,14 @@ class OneNodeCluster:
     """Context manager running a private one-node SLURM cluster (must be root)."""
 
     def __init__(self, *, name: str = "maetest", install: bool = True, start_timeout: float = 60.0,
-                 kill_wait: int = 5, cred_expire: int = 10, keep_dir: bool = False,
-                 extra_conf: str = ""):
+                 kill_wait: int = 5, cred_expire: int = 10, cpus: int | None = None,
+                 keep_dir: bool = False, extra_conf: str = ""):
         self.name = name
         self.install = install
         self.start_timeout = start_timeout
         self.kill_wait = kill_wait
         self.cred_expire = cred_expire
+        self.want_cpus = cpus  # more than the machine has: declared with SlurmdParameters=config_overrides
         self.keep_dir = keep_dir
         self.extra_conf = extra_conf
         self.host = socket.gethostname().split(".")[0]
@@ -166,9 +167,15 @@ class OneNodeCluster:
         self._wait_for(lambda: self.munge_socket.exists(), 10, "munged socket")
 
         hw = _node_hardware()
-        self.cpus = hw["CPUs"]
         mem = max(256, hw["RealMemory"] - min(1024, hw["RealMemory"] // 8))
         topo = " ".join(f"{k}={hw[k]}" for k in ("SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore") if k in hw)
+        overrides = ""
+        self.cpus = hw["CPUs"]
+        if self.want_cpus and self.want_cpus != hw["CPUs"]:
+            # e.g. 4 slots on 2 cores, so that two 2-task jobs (mostly sleeping) can run side by side
+            self.cpus = self.want_cpus
+            topo = f"SocketsPerBoard=1 CoresPerSocket={self.cpus} ThreadsPerCore=1"
+            overrides = "SlurmdParameters=config_overrides"
         ctld_port, slurmd_port = _free_port(), _free_port()
         while slurmd_port == ctld_port:
             slurmd_port = _free_port()
@@ -214,8 +221,9 @@ InactiveLimit=0
 MinJobAge=600
 OverTimeLimit=0
 Waittime=0
+{overrides}
 {self.extra_conf}
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={hw['CPUs']} {topo} RealMemory={mem} State=UNKNOWN
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} {topo} RealMemory={mem} State=UNKNOWN
 PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 """)
         self.env = dict(os.environ)
@@ -238,7 +246,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             env["SLURM_CONF"] = str(self.conf)
         self._procs[name] = subprocess.Popen(
             [str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True)
+            env=env)
 
     def _wait_for(self, pred, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

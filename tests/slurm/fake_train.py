@@ -10,8 +10,8 @@
   ``DIR/checkpoints/latest.json`` (step), barrier, exit 75.
 * ``--resume auto``: start from ``DIR/checkpoints/latest.json`` when present.
 * Finished: rank 0 writes ``DIR/final.json`` {"step", "samples", "epoch"}, exit 0.
-* Each executed step is printed as ``step N`` (one line per rank), so a test can check that no
-  step was done twice or skipped across a requeue.
+* Each executed step is printed as ``[r<rank>] step N``, so a test can check that no step was done
+  twice or skipped across a requeue.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> int:
     while step < total:
         time.sleep(step_s)
         step += 1
-        print(f"step {step}", flush=True)
+        print(f"[r{rank}] step {step}", flush=True)
         flag.fill_(1.0 if stop["sig"] is not None else 0.0)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0 and step < total:

@@ -1,0 +1,171 @@
+"""Typed configuration of ``finetune.py``: MAE fine-tuning, linear probing, supervised training (+ curriculum).
+
+Reuses the sections of :mod:`mae_curriculum.config` where they mean the same thing (data, curriculum, train,
+checkpoint, log) and adds the fine-tuning ones. Loaded with ``load_config(FinetuneConfig, path, overrides)``;
+every problem is a one-line :class:`~mae_curriculum.config.ConfigError` (exit status 2).
+
+Modes:
+
+* ``finetune``: a pre-trained encoder (``finetune.pretrained``) in a timm ViT with global average pooling +
+  fc_norm (``model.global_pool: avg``), layer-wise lr decay, drop path, mixup/cutmix, label smoothing,
+  RandAugment, random erasing, optional EMA (the MAE recipe).
+* ``linprobe``: the frozen pre-trained encoder, cls-token features after the final norm, a head
+  BatchNorm1d(affine=False, eps 1e-6) + Linear (std 0.01), trained with LARS (MAE's protocol).
+* ``supervised``: any timm model (``model.name``) from scratch; with a curriculum schedule the input size
+  (low-frequency crop on the device) and the RandAugment magnitude follow the stages.
+
+The RandAugment magnitude is always the curriculum stage's (``curriculum.max_magnitude`` with the default
+``constant`` schedule: m9 throughout, ``rand-m9-mstd0.5-inc1``); ``augment.randaug: false`` turns it off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mae_curriculum.config import (CheckpointConfig, ConfigError, CurriculumConfig, DataConfig, LogConfig,
+                                   OptimConfig, TrainConfig, check_shards_path, register_validator,
+                                   validate_checkpoint, validate_curriculum, validate_data, validate_optim,
+                                   validate_train)
+
+
+@dataclass
+class FTModelConfig:
+    name: str = "vit"  # "vit": timm VisionTransformer from the fields below (MAE layout); else a timm model name
+    img_size: int = 224  # final training and evaluation size
+    patch_size: int = 16  # ViT patch; for other models the granularity of curriculum sizes (e.g. 32 for ResNet)
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: int = 0  # 0 = from the train shards' _info.json
+    global_pool: Literal["avg", "token"] = "avg"  # "vit" only: avg + fc_norm (MAE fine-tune) | cls token + norm
+    drop_path: float = 0.1
+    head_init_std: float = 2e-5  # MAE fine-tune; linear probe uses 0.01
+    kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (img_size, strict_img_size, ...)
+
+
+@dataclass
+class PretrainedConfig:
+    # export folder or its encoder.safetensors / mae.safetensors, a DeepSpeed checkpoint folder (stepNNNNNNNNN),
+    # a run's output_dir or its checkpoints/ (newest complete one), or an official MAE .pth ({'model': ...})
+    pretrained: str = ""
+
+
+@dataclass
+class AugmentSection:
+    crop: Literal["random", "center"] = "random"  # RandomResizedCrop (data.crop_scale_*) + flip, or centre crop
+    randaug: bool = True  # RandAugment at the curriculum stage's magnitude (mstd below, inc1)
+    randaug_mstd: float = 0.5
+    mixup: float = 0.8  # mixup alpha (0 = off)
+    cutmix: float = 1.0  # cutmix alpha (0 = off)
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1  # label smoothing
+    reprob: float = 0.25  # random erasing probability (pixel mode, on the device batch)
+
+
+@dataclass
+class FTOptimConfig(OptimConfig):
+    name: Literal["adamw", "lars", "sgd"] = "adamw"
+    blr: float = 5e-4  # lr = blr * global batch / 256
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_epochs: float = 5.0
+    layer_decay: float = 0.75  # layer-wise lr decay for "vit" (1.0 = off); scale = decay^(L+1-layer)
+    momentum: float = 0.9  # lars / sgd
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 0  # per rank; 0 = train.batch_size
+    every_epochs: int = 1  # evaluate (and keep the best weights) every N epochs; the last epoch always
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.9999
+
+
+@dataclass
+class LinprobeConfig:
+    cache_features: bool = True  # with augment.crop=center: extract the frozen features once, train the head on them
+
+
+@dataclass
+class FinetuneConfig:
+    output_dir: str = "runs/finetune"
+    mode: Literal["finetune", "linprobe", "supervised"] = "finetune"
+    model: FTModelConfig = field(default_factory=FTModelConfig)
+    finetune: PretrainedConfig = field(default_factory=PretrainedConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale_min=0.08))
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    optim: FTOptimConfig = field(default_factory=FTOptimConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100.0))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    linprobe: LinprobeConfig = field(default_factory=LinprobeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def uses_mixup(cfg: FinetuneConfig) -> bool:
+    return cfg.mode != "linprobe" and (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0) and cfg.augment.mixup_prob > 0
+
+
+def validate_finetune(cfg: FinetuneConfig) -> None:
+    _check(cfg.output_dir != "", "output_dir must be set")
+    m, a, o = cfg.model, cfg.augment, cfg.optim
+    _check(m.name != "", "model.name must be set ('vit' or a timm model name)")
+    _check(m.patch_size > 0 and m.img_size > 0 and m.img_size % m.patch_size == 0,
+           f"model.img_size ({m.img_size}) must be a positive multiple of model.patch_size ({m.patch_size})")
+    if m.name == "vit":
+        _check(m.depth > 0 and m.embed_dim > 0 and m.num_heads > 0 and m.embed_dim % m.num_heads == 0,
+               f"model.embed_dim ({m.embed_dim}) must be divisible by model.num_heads ({m.num_heads}), depth > 0")
+    elif cfg.mode != "supervised":
+        raise ConfigError(f"mode {cfg.mode} loads an MAE encoder: model.name must be 'vit' (got {m.name!r})")
+    _check(m.num_classes >= 0, f"model.num_classes must be >= 0; got {m.num_classes}")
+    _check(0 <= m.drop_path < 1, f"model.drop_path must be in [0, 1); got {m.drop_path}")
+    _check(m.head_init_std > 0, f"model.head_init_std must be > 0; got {m.head_init_std}")
+    if cfg.mode == "supervised":
+        _check(cfg.finetune.pretrained == "",
+               "finetune.pretrained is set but mode is supervised (training from scratch): use mode: finetune")
+    else:
+        p = cfg.finetune.pretrained
+        _check(p != "", f"finetune.pretrained must be set for mode {cfg.mode} (an export folder, checkpoint or .pth)")
+        _check(Path(p).exists(), f"finetune.pretrained: not found: {p}")
+    for k in ("mixup", "cutmix"):
+        _check(getattr(a, k) >= 0, f"augment.{k} must be >= 0; got {getattr(a, k)}")
+    for k in ("mixup_prob", "mixup_switch_prob", "reprob"):
+        _check(0 <= getattr(a, k) <= 1, f"augment.{k} must be in [0, 1]; got {getattr(a, k)}")
+    _check(0 <= a.smoothing < 1, f"augment.smoothing must be in [0, 1); got {a.smoothing}")
+    _check(a.randaug_mstd >= 0, f"augment.randaug_mstd must be >= 0; got {a.randaug_mstd}")
+    if uses_mixup(cfg):
+        _check(cfg.train.batch_size % 2 == 0, f"mixup/cutmix need an even train.batch_size; got {cfg.train.batch_size}")
+    validate_optim(o)
+    _check(0 < o.layer_decay <= 1, f"optim.layer_decay must be in (0, 1]; got {o.layer_decay}")
+    _check(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1); got {o.momentum}")
+    validate_train(cfg.train)
+    validate_data(cfg.data)
+    check_shards_path(cfg.data)
+    _check(cfg.data.val_shards != "", "data.val_shards must be set (top-1/top-5 are measured on it)")
+    validate_checkpoint(cfg.checkpoint)
+    validate_curriculum(cfg.curriculum, m.img_size, m.patch_size)
+    _check(cfg.eval.batch_size >= 0, f"eval.batch_size must be >= 0; got {cfg.eval.batch_size}")
+    _check(cfg.eval.every_epochs >= 1, f"eval.every_epochs must be >= 1; got {cfg.eval.every_epochs}")
+    _check(0 < cfg.ema.decay < 1, f"ema.decay must be in (0, 1); got {cfg.ema.decay}")
+    if cfg.mode == "linprobe":
+        _check(not cfg.ema.enabled, "ema.enabled is not supported with mode linprobe")
+
+
+register_validator(FinetuneConfig, validate_finetune)
