@@ -157,7 +157,7 @@ class Trainer:
 
     def __init__(self, model_cfg: dict[str, Any], dev: torch.device, sc: StepConfig, seed: int = 0):
         torch.manual_seed(seed)
-        self.dev, self.sc = dev, sc
+        self.dev, self.sc, self.cfg = dev, sc, dict(model_cfg)
         self.model = build_model(model_cfg).to(dev)
         if sc.param_dtype != torch.float32:
             self.model = self.model.to(sc.param_dtype)

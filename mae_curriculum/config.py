@@ -79,6 +79,7 @@ class CurriculumConfig:
     stages: list[dict] = field(default_factory=list)  # for "custom": [{size, fraction, magnitude}]
     accounting: str = "compute"  # for "custom": compute | epochs
     max_magnitude: float = 9.0
+    grow_micro_batch: bool = False  # at low B, merge loader batches into bigger micro-batches (fewer accumulation steps)
 
 
 @dataclass

@@ -80,6 +80,16 @@ class FTOptimConfig(OptimConfig):
 
 
 @dataclass
+class FTDataConfig(DataConfig):
+    crop_scale_min: float = 0.08  # RandomResizedCrop's default scale (0.08, 1), as in MAE fine-tuning
+
+
+@dataclass
+class FTTrainConfig(TrainConfig):
+    epochs: float = 100.0  # budget in epochs at the final size
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 0  # per rank; 0 = train.batch_size
     every_epochs: int = 1  # evaluate (and keep the best weights) every N epochs; the last epoch always
@@ -102,11 +112,11 @@ class FinetuneConfig:
     mode: Literal["finetune", "linprobe", "supervised"] = "finetune"
     model: FTModelConfig = field(default_factory=FTModelConfig)
     finetune: PretrainedConfig = field(default_factory=PretrainedConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale_min=0.08))
+    data: FTDataConfig = field(default_factory=FTDataConfig)
     augment: AugmentSection = field(default_factory=AugmentSection)
     optim: FTOptimConfig = field(default_factory=FTOptimConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100.0))
+    train: FTTrainConfig = field(default_factory=FTTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     linprobe: LinprobeConfig = field(default_factory=LinprobeConfig)

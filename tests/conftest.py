@@ -72,3 +72,44 @@ def two_rank_reference(tmp_path_factory, demo_data) -> Path:
     r = run(pretrain_cmd(out, demo_data, *TWO_RANK, launcher=deepspeed_launcher(29561)), timeout=400)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     return out
+
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def cifar_samples(split: str, per_class: int):
+    """The first ``per_class`` JPEGs of each class of the real CIFAR-10 archive in ../shared/data."""
+    import tarfile
+
+    from mae_curriculum.data.write_shards import Sample
+
+    counts = {c: 0 for c in CIFAR_CLASSES}
+    out = []
+    with tarfile.open(SHARED_DATA / "cifar10-jpg.tar.gz", "r:gz") as tf:
+        for m in tf:
+            parts = m.name.split("/")
+            if not (m.isfile() and len(parts) == 4 and parts[1] == split and parts[2] in counts):
+                continue
+            if counts[parts[2]] < per_class:
+                counts[parts[2]] += 1
+                stem = parts[3].rsplit(".", 1)[0]
+                out.append(Sample(key=f"{split}_{parts[2]}_{stem}", image=tf.extractfile(m).read(), ext="jpg",
+                                  cls=CIFAR_CLASSES.index(parts[2]), meta={"class": parts[2]}))
+            if all(v >= per_class for v in counts.values()):
+                break
+    return out
+
+
+@pytest.fixture(scope="session")
+def cifar_shards(tmp_path_factory) -> Path:
+    """CIFAR-10 subset as shards: train (200/class, interleaved) and test (50/class) under one root."""
+    import random
+
+    from mae_curriculum.data.write_shards import write_samples
+
+    root = tmp_path_factory.mktemp("cifar_shards")
+    for split, n in (("train", 200), ("test", 50)):
+        samples = cifar_samples(split, n)
+        random.Random(0).shuffle(samples)
+        write_samples(samples, root / split, split=split, samples_per_shard=500, classes=CIFAR_CLASSES)
+    return root

@@ -8,6 +8,7 @@ One step: uint8 batch -> device -> normalise -> Fourier-crop to the stage's B (o
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -124,6 +125,7 @@ class PretrainRun:
         self.stop = StopFlag()
         self.counters = Counters()
         self._last_save_time = time.time()
+        self._mask_digests: dict[str, str] = {}
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -330,9 +332,13 @@ class PretrainRun:
         last_loss = float("nan")
         status = "finished"
         corrupt_local = 0
+        pending: list = []  # loader batches waiting to be merged into one micro-batch
+        self._merge = 1
         done = c.progress >= 1.0 or (max_steps and c.step >= max_steps)
         while not done:
             keep = self.pruner.keep_mask(c.epoch, c.progress) if cfg.pruning.method != "none" else None
+            if keep is not None:  # a fingerprint per epoch: every rank must select the same samples
+                self._mask_digests[str(c.epoch)] = hashlib.sha1(np.packbits(keep).tobytes()).hexdigest()[:16]
             stage = self.schedule.stage_at(c.progress)
             steps = self.loader.start_epoch(c.epoch, c.step_in_epoch, keep, magnitude=-1.0)
             kept_steps = epoch_steps = self.loader.steps_in_epoch(keep)
@@ -340,18 +346,25 @@ class PretrainRun:
             if D.is_main() and cfg.pruning.method != "none":
                 self.tb.add({f"pruning/{k}": v for k, v in self.pruner.stats().items()}, c.step)
             rolled_back = False
-            for batch in self.loader:
-                c.micro_step += 1
+            for loader_batch in self.loader:
                 c.step_in_epoch += 1
+                if window == 0 and not pending:  # micro-batch size can change only between optimizer steps
+                    merge = self._merge_factor(self.schedule.stage_at(c.progress).size)
+                    if merge != self._merge:
+                        self._set_merge(merge)
+                pending.append((loader_batch, c.epoch, c.step_in_epoch))
+                if len(pending) < self._merge:
+                    continue
+                batch = merge_batches([b for b, _, _ in pending])
+                noise_keys = [(e, k) for _, e, k in pending]
+                pending = []
+                c.micro_step += 1
                 stage = self.schedule.stage_at(c.progress)
                 x = normalise(batch["image"], self.mean, self.std, self.dev)
                 if stage.size != x.shape[-1]:
                     x = fourier_crop(x, stage.size)
                 n = x.shape[0]
-                grid = (stage.size // cfg.model.patch_size) ** 2
-                g = torch.Generator(device=self.dev).manual_seed(
-                    (cfg.train.seed * 1_000_003 + c.micro_step * 7919 + self.rank * 104_729) % (2**62))
-                noise = torch.rand(n, grid, generator=g, device=self.dev)
+                noise = self._noise(noise_keys, (stage.size // cfg.model.patch_size) ** 2)
                 loss, per_sample, _, _ = self.engine(x.to(self.dtype), cfg.model.mask_ratio, noise)
                 if cfg.pruning.method == "infobatch":
                     w = torch.from_numpy(self.pruner.loss_weights(batch["id"].numpy())).to(self.dev, torch.float32)
@@ -381,17 +394,19 @@ class PretrainRun:
                     if consecutive_bad >= cfg.train.nan_skip_limit:
                         self._rollback(consecutive_bad)
                         c = self.counters  # the restored counters
-                        consecutive_bad, window, rolled_back = 0, 0, True
+                        consecutive_bad, window, rolled_back, pending = 0, 0, True, []
                         break
                     continue
                 consecutive_bad = 0
                 set_lr(self.optimizer, lr_at(c.progress, self.base_lr, cfg.optim.min_lr, self._warmup()))
+                gas = cfg.train.grad_accum // self._merge
+                self.engine.set_gradient_accumulation_boundary(window + 1 == gas)  # explicit, robust to skips
                 self.engine.backward(loss)
                 self.engine.step()
                 window += 1
                 loss_sum += loss.detach().float()
                 loss_count += 1
-                if window < cfg.train.grad_accum:
+                if window < gas:
                     continue
                 window = 0
                 c.step += 1
@@ -403,7 +418,7 @@ class PretrainRun:
                     last_loss = (loss_sum / max(1, loss_count)).item()
                     now = time.time()
                     ips = (c.samples - last_log_samples) / max(1e-9, now - last_log_time)
-                    self.tb.add({"train/loss": last_loss, "train/lr": self.optimizer.param_groups[0]["lr"]
+                    self.tb.add({"train/micro_batch": cfg.train.batch_size * self._merge, "train/loss": last_loss, "train/lr": self.optimizer.param_groups[0]["lr"]
                                  / self.optimizer.param_groups[0].get("lr_scale", 1.0),
                                  "perf/images_per_s": ips, "curriculum/B": stage.size,
                                  "curriculum/stage": stage.index, "curriculum/progress": c.progress,
@@ -473,13 +488,41 @@ class PretrainRun:
         which launch scripts read: the ``deepspeed`` launcher does not pass exit status 75 through."""
         c = self.counters
         rec = {"status": status, "step": c.step, "samples": c.samples, "epoch": c.epoch,
-               "step_in_epoch": c.step_in_epoch, "rank": self.rank, "world_size": self.world}
+               "step_in_epoch": c.step_in_epoch, "rank": self.rank, "world_size": self.world,
+               "keep_mask_sha1": self._mask_digests}
         (self.out / "ranks").mkdir(exist_ok=True)
         (self.out / "ranks" / f"rank{self.rank}.json").write_text(json.dumps(rec))
         if D.is_main():
             tmp = self.out / "status.json.tmp"
             tmp.write_text(json.dumps(rec))
             os.replace(tmp, self.out / "status.json")
+
+    def _merge_factor(self, size: int) -> int:
+        """How many loader batches form one micro-batch at resolution ``size``: the largest divisor of the
+        accumulation steps not above (final/size)^2, so a micro-batch costs about what it costs at the final size
+        (EfficientTrain++ grows the per-GPU batch at low resolution with fewer accumulation steps)."""
+        if not self.cfg.curriculum.grow_micro_batch:
+            return 1
+        accum = self.cfg.train.grad_accum
+        ratio = (self.cfg.model.img_size / size) ** 2
+        return max(d for d in range(1, accum + 1) if accum % d == 0 and d <= ratio + 1e-9)
+
+    def _set_merge(self, merge: int) -> None:
+        """Tell DeepSpeed: micro-batch x merge, accumulation / merge, the global batch unchanged."""
+        self._merge = merge
+        self.engine.set_train_micro_batch_size(self.cfg.train.batch_size * merge)
+        self.engine.set_train_batch_size(self.global_batch)
+
+    def _noise(self, keys: list[tuple[int, int]], num_patches: int) -> torch.Tensor:
+        """Masking noise seeded per loader batch (epoch, index in epoch, rank): identical whether batches are
+        merged or not, and after a resume."""
+        m = self.cfg.train.batch_size
+        parts = []
+        for epoch, k in keys:
+            seed = (self.cfg.train.seed * 1_000_003 + epoch * 15_485_863 + k * 7919 + self.rank * 104_729) % (2**62)
+            g = torch.Generator(device=self.dev).manual_seed(seed)
+            parts.append(torch.rand(m, num_patches, generator=g, device=self.dev))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _warmup(self) -> float:
         return min(1.0, self.cfg.optim.warmup_epochs / self.cfg.train.epochs)
@@ -523,6 +566,12 @@ class PretrainRun:
         self.counters.rollbacks = rollbacks + 1
         self._rollback_from = str(path)
         self.tb.add({"faults/rollbacks": self.counters.rollbacks}, self.counters.step)
+
+
+def merge_batches(batches: list[dict]) -> dict:
+    if len(batches) == 1:
+        return batches[0]
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 
 def run_pretrain(cfg: PretrainConfig, resume: str = "auto") -> int:
