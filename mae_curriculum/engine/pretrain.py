@@ -485,7 +485,8 @@ class PretrainRun:
 
     def _write_status(self, status: str) -> None:
         """Every rank records how it ended (``ranks/rank<r>.json``); rank 0 also writes ``status.json``,
-        which launch scripts read: the ``deepspeed`` launcher does not pass exit status 75 through."""
+        which launch scripts can read: a ``deepspeed`` launcher that was itself signalled exits 1 whatever the
+        ranks returned (when the ranks exit on their own it passes their status, 75 included)."""
         c = self.counters
         rec = {"status": status, "step": c.step, "samples": c.samples, "epoch": c.epoch,
                "step_in_epoch": c.step_in_epoch, "rank": self.rank, "world_size": self.world,

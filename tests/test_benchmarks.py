@@ -1,0 +1,94 @@
+"""Smoke tests of the benchmark harnesses (benchmarks/*.py --quick): they run and write well-formed JSON.
+
+These assert that the harness works, never how fast anything is (timings on a shared CPU mean nothing here).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED_DATA, read_json, run
+
+BENCH = ROOT / "benchmarks"
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _check_env(res: dict) -> None:
+    env = res["env"]
+    assert env["torch"] and env["device"] in ("cpu", "cuda", "cuda:0") and env["threads"] >= 1
+
+
+def _bench(script: str, tmp_path, *args: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    r = run([sys.executable, str(BENCH / f"{script}.py"), "--quick", "--out", str(out), *args], timeout=240)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    return read_json(out)
+
+
+def test_curriculum_quick(tmp_path):
+    res = _bench("curriculum", tmp_path, "--cache", str(tmp_path / "cache"))
+    _check_env(res)
+    assert res["benchmark"] == "curriculum" and res["model"]["preset"] == "tiny"
+    sizes = {st for s in res["schedules"].values() for st in s["sizes"]}
+    rows = res["step_times"]
+    assert {r["size"] for r in rows} == sizes | {res["model"]["img_size"]}
+    for r in rows:
+        for k in ("step_s", "images_per_s", "flops_per_image", "achieved_gflops", "rel_time", "rel_flops"):
+            assert _positive(r[k]), (k, r)
+        assert 0 <= r["crop_share"] < 1 and r["crop_s"] >= 0
+    for name in ("constant", "efficienttrain", "efficienttrain++"):
+        m = res["model_only"][name]
+        assert _positive(m["flops_speedup"]) and _positive(m["model_time_speedup"])
+    assert res["model_only"]["constant"]["flops_speedup"] == pytest.approx(1.0)
+    assert res["model_only"]["efficienttrain"]["flops_speedup"] > 1.0
+    runs = {r["schedule"]: r for r in res["trainer_runs"]}
+    assert set(runs) == {"constant", "efficienttrain", "efficienttrain++"}
+    for r in runs.values():
+        for k in ("flops", "samples", "steps", "loop_s", "process_s", "images_per_s", "predicted_speedup",
+                  "measured_speedup"):
+            assert _positive(r[k]), (k, r)
+        assert r["loop_s"] < r["process_s"] and r["per_size"]
+    assert runs["constant"]["predicted_speedup"] == 1.0 and runs["constant"]["measured_speedup"] == 1.0
+    assert runs["efficienttrain"]["predicted_speedup"] > 1.0  # same images, lower resolution: fewer FLOPs
+    # ET++ counts compute: the same FLOP budget as constant (up to the last step's overshoot), more images
+    assert runs["efficienttrain++"]["predicted_speedup"] == pytest.approx(1.0, abs=0.1)
+    assert runs["efficienttrain++"]["samples"] > runs["constant"]["samples"]
+
+
+def test_throughput_quick(tmp_path):
+    res = _bench("throughput", tmp_path)
+    _check_env(res)
+    assert res["benchmark"] == "throughput" and set(res["modes"]) == {"optimized", "baseline"}
+    assert res["modes"]["optimized"]["sdpa"]["all_fused"] and res["modes"]["optimized"]["loss_finite"]
+    assert res["modes"]["baseline"]["loss_finite"]
+    final = res["model"]["img_size"]
+    assert len(res["sizes"]) >= 2 and final in res["sizes"]
+    for r in res["rows"]:
+        for k in ("step_s", "images_per_s", "flops_per_image", "achieved_gflops", "scaling", "batch"):
+            assert _positive(r[k]), (k, r)
+        assert r["batch"] >= 8 if r["size"] < final else r["batch"] == 8  # batch scales by (final/B)^2
+    opt = [r for r in res["rows"] if r["mode"] == "optimized"]
+    assert all(r["graphs_compiled"] >= 1 for r in opt)  # one compile per new B (dynamic=False)
+    assert res["modes"]["optimized"]["recompiles_total"] >= len(res["sizes"])
+    assert all(r["graphs_compiled"] == 0 for r in res["rows"] if r["mode"] == "baseline")
+    assert all(_positive(s["speedup"]) for s in res["speedup_optimized_over_baseline"])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "imagenette2-224.tar.gz").is_file(), reason="Imagenette archive not present")
+def test_end_to_end_quick(tmp_path):
+    res = _bench("end_to_end", tmp_path, "--cache", str(tmp_path / "cache"))
+    _check_env(res)
+    assert res["benchmark"] == "end_to_end" and res["data"]["images"] == 400
+    assert (tmp_path / "cache" / "imagenette2-224-train-first400" / "_info.json").is_file()
+    assert len(res["stages"]) == 2
+    for r in res["stages"]:
+        for k in ("step_s", "loop_s", "images_per_s", "compute_only_s", "needed_images_per_s",
+                  "loader_only_images_per_s", "gflops_per_image"):
+            assert _positive(r[k]), (k, r)
+        assert r["wait_s"] >= 0 and 0 <= r["wait_share"] < 1 and r["images"] == r["steps"] * r["batch"]
