@@ -205,7 +205,8 @@ class Trainer:
 
 def time_steps(fn: Callable[[], Any], dev: torch.device, warmup: int, iters: int, repeats: int) -> dict[str, float]:
     """Run ``fn`` ``warmup`` times, then ``repeats`` blocks of ``iters`` calls, syncing the device only at
-    block edges. Returns seconds per call: median and min over blocks, and the first warm-up call's time."""
+    block edges. Returns seconds per call: median and min over blocks, every block's mean, and the first
+    warm-up call's time. On a shared machine the min is the better estimate of the undisturbed cost."""
     sync(dev)
     t0 = time.perf_counter()
     first = None
@@ -222,7 +223,7 @@ def time_steps(fn: Callable[[], Any], dev: torch.device, warmup: int, iters: int
             fn()
         sync(dev)
         blocks.append((time.perf_counter() - t) / iters)
-    return {"median_s": statistics.median(blocks), "min_s": min(blocks), "blocks": len(blocks),
+    return {"median_s": statistics.median(blocks), "min_s": min(blocks), "blocks_s": blocks,
             "iters_per_block": iters, "first_call_s": first if first is not None else float("nan")}
 
 

@@ -11,20 +11,28 @@ from mae_curriculum.config import ConfigError, PretrainConfig, load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_shipped_configs_load():
+def shards_here(tmp_path):
+    (tmp_path / "train").mkdir(exist_ok=True)
+    (tmp_path / "val").mkdir(exist_ok=True)
+    return [f"data.train_shards={tmp_path / 'train'}", f"data.val_shards={tmp_path / 'val'}"]
+
+
+def test_shipped_configs_load(tmp_path):
     for name in ("demo", "vit_b", "vit_l", "vit_h"):
-        cfg = load_config(PretrainConfig, ROOT / "configs" / f"{name}.yaml")
+        cfg = load_config(PretrainConfig, ROOT / "configs" / f"{name}.yaml", shards_here(tmp_path))
         assert cfg.model.img_size % cfg.model.patch_size == 0
+    with pytest.raises(ConfigError, match="data.train_shards: folder not found: data/imagenet/train"):
+        load_config(PretrainConfig, ROOT / "configs" / "vit_b.yaml")
 
 
-def test_paper_hyper_parameters_in_vit_configs():
-    b = load_config(PretrainConfig, ROOT / "configs" / "vit_b.yaml")
+def test_paper_hyper_parameters_in_vit_configs(tmp_path):
+    b = load_config(PretrainConfig, ROOT / "configs" / "vit_b.yaml", shards_here(tmp_path))
     assert (b.model.embed_dim, b.model.depth, b.model.num_heads) == (768, 12, 12)
     assert (b.model.decoder_embed_dim, b.model.decoder_depth) == (512, 8)
     assert b.model.mask_ratio == 0.75 and b.optim.betas == [0.9, 0.95] and b.optim.weight_decay == 0.05
     assert b.optim.blr == 1.5e-4 and b.optim.warmup_epochs == 40 and b.optim.gradient_clipping == 0.0
     assert b.data.crop_scale_min == 0.2
-    h = load_config(PretrainConfig, ROOT / "configs" / "vit_h.yaml")
+    h = load_config(PretrainConfig, ROOT / "configs" / "vit_h.yaml", shards_here(tmp_path))
     assert (h.model.embed_dim, h.model.depth, h.model.patch_size) == (1280, 32, 14)
 
 
@@ -73,7 +81,7 @@ def test_cli_prints_one_line_and_exits_2():
     r = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), "--config", str(ROOT / "configs/demo.yaml"),
                         "optim.blrr=1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: unknown key 'optim.blrr' (valid: betas, blr, gradient_clipping, lr, min_lr, weight_decay, warmup_epochs)"
+    assert r.stderr.strip() == "error: unknown key 'optim.blrr' (valid: betas, blr, gradient_clipping, lr, min_lr, warmup_epochs, weight_decay)"
     r = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), "--config", "missing.yaml"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: config file not found: missing.yaml"

@@ -34,7 +34,14 @@ def _main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser("finetune.py", "MAE fine-tuning / linear probing / supervised training with the "
                                          "EfficientTrain++ curriculum, on DeepSpeed")
-    return run_cli(_main, parser, argv)
+    rc = run_cli(_main, parser, argv)
+    # A failed run leaves its frames (and the loader's persistent workers, which ignore SIGTERM) in a reference
+    # cycle with the traceback; collect it now so the workers are shut down before interpreter exit, where
+    # multiprocessing would SIGTERM them and wait forever.
+    import gc
+
+    gc.collect()
+    return rc
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ Augmentations are seeded per sample from (seed, epoch, sample id). A sample that
 and replaced by the worker's previous good sample (so batch sizes and step counts stay equal on every rank);
 a missing or truncated shard is logged and its samples are treated the same way.
 
+Decode: ``StreamSpec.decode = "cpu"`` (default) decodes and augments in the workers; ``"gpu"`` makes the
+workers ship raw JPEG bytes + crop params (drawn from the header with the same per-sample seeds) and decodes
+each batch in the main process with nvJPEG (see :mod:`~mae_curriculum.data.gpu_decode`).
+
 Nothing is unpickled: only image members and ``.cls`` / ``.json`` are read; URLs and ``pipe:`` are refused
 (``config.validate_data``), shards are plain local files.
 """
@@ -34,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from mae_curriculum.data.gpu_decode import BatchDecoder, check_decode, encode_sample, make_collate
 from mae_curriculum.data.index import IMAGE_EXTS, ShardIndex
 from mae_curriculum.data.transforms import AugmentConfig, SampleTransform, seed_sample
 
@@ -166,6 +171,7 @@ class StreamSpec:
     shuffle_buffer: int
     augment: AugmentConfig
     steps_multiple: int = 1
+    decode: str = "cpu"  # "cpu": workers decode; "gpu": workers ship JPEG bytes + crop params (gpu_decode)
 
 
 class ShardStream(IterableDataset):
@@ -207,6 +213,7 @@ class ShardStream(IterableDataset):
         ids = worker_ids(order, s.world, s.rank, s.batch_size, nw, worker, s.steps_multiple)
         skip = consumed_by_worker(steps_done, nw, worker) * s.batch_size
         transform = self._get_transform()
+        gpu = s.decode == "gpu"
         errors: list[str] = []
         rng = np.random.default_rng([s.seed, epoch, s.rank, worker, 0xB0F])
         raw = seeded_shuffle(read_raw(s.index, ids, errors.append), s.shuffle_buffer, rng)
@@ -218,12 +225,12 @@ class ShardStream(IterableDataset):
             for e in errors:
                 log.warning("%s", e)
             errors.clear()
-            img = None
+            img = None  # {"image": tensor} or, on the GPU path, possibly {"jpeg": bytes, "params": ...}
             data = image_bytes(sample)
             if data is not None:
                 try:
                     seed_sample(s.seed, epoch, sid)
-                    img = transform(data)
+                    img = encode_sample(data, transform) if gpu else {"image": transform(data)}
                     label = decode_label(sample)
                 except Exception as e:  # a corrupt sample must never stop training
                     log.debug("corrupt sample %d: %s", sid, e)
@@ -234,7 +241,7 @@ class ShardStream(IterableDataset):
                     continue
                 yield {**last_good, "corrupt": 1}
                 continue
-            last_good = {"image": img, "label": label, "id": sid, "corrupt": 0}
+            last_good = {**img, "label": label, "id": sid, "corrupt": 0}
             while pending:
                 pending -= 1
                 yield {**last_good, "corrupt": 1}
@@ -259,14 +266,22 @@ def _worker_init(_: int) -> None:
 
 
 class ShardLoader:
-    """Wraps a DataLoader over a ShardStream. Call ``start_epoch`` before iterating each epoch."""
+    """Wraps a DataLoader over a ShardStream. Call ``start_epoch`` before iterating each epoch.
 
-    def __init__(self, spec: StreamSpec, pin_memory: bool = False):
+    With ``spec.decode == "gpu"`` the batches are decoded in this process on ``decode_device`` (default: the
+    current CUDA device; ``"cpu"`` runs the same code on the CPU, for tests) and ``batch["image"]`` is already
+    there; ``decoder`` holds the fallback / corrupt counts of that path."""
+
+    def __init__(self, spec: StreamSpec, pin_memory: bool = False, decode_device: str | torch.device | None = None):
         self.spec = spec
         self.dataset = ShardStream(spec)
+        self.decoder: BatchDecoder | None = None
         kw = {}
         if spec.num_workers > 0:
             kw = dict(persistent_workers=True, prefetch_factor=4, worker_init_fn=_worker_init)
+        if check_decode(spec.decode) == "gpu":
+            self.decoder = BatchDecoder(spec.augment.size, decode_device)
+            kw["collate_fn"] = make_collate(spec.augment.size)
         self.loader = DataLoader(self.dataset, batch_size=spec.batch_size, num_workers=spec.num_workers,
                                  pin_memory=pin_memory, drop_last=False, **kw)
         self.epoch = 0
@@ -298,6 +313,8 @@ class ShardLoader:
 
     def __iter__(self):
         for batch in self.loader:
+            if self.decoder is not None:
+                batch = self.decoder(batch)
             self.step_in_epoch += 1
             yield batch
 

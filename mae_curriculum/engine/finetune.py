@@ -352,14 +352,15 @@ class FinetuneRun:
     # ---------------------------------------------------------------- the loop
     def run(self) -> int:
         cfg, c = self.cfg, self.counters
-        res: dict = {}
+        res, res_step = {}, -1  # the latest evaluation and the step it was made at
         consecutive_bad, window = 0, 0
         loss_sum, loss_n = torch.zeros((), device=self.dev), 0
         status = "finished"
         done = c.progress >= 1.0 - 1e-12 or bool(cfg.train.max_steps and c.step >= cfg.train.max_steps)
         while not done:
             stage = self.schedule.stage_at(c.progress)
-            magnitude = stage.magnitude if cfg.augment.randaug and cfg.mode != "linprobe" else -1.0
+            # timm parses "rand-m<int>": stage magnitudes are rounded (integers already with max_magnitude 9)
+            magnitude = float(round(stage.magnitude)) if cfg.augment.randaug and cfg.mode != "linprobe" else -1.0
             self.tb.add({"curriculum/randaug_magnitude": max(magnitude, 0.0)}, c.step)
             for x, y in self._batches(c.epoch, c.step_in_epoch, magnitude):
                 per, nonfinite, stop = self.train_step(x, y)
@@ -397,7 +398,7 @@ class FinetuneRun:
             if epoch_complete:
                 c.epoch, c.step_in_epoch = c.epoch + 1, 0
             if epoch_complete and (c.epoch % cfg.eval.every_epochs == 0 or done):
-                res = self.evaluate()
+                res, res_step = self.evaluate(), c.step
                 self._after_eval(res, c.epoch)
             if epoch_complete and not done and cfg.checkpoint.every_epochs and c.epoch % cfg.checkpoint.every_epochs == 0:
                 self.save(epoch_end=c.epoch - 1)
@@ -405,16 +406,17 @@ class FinetuneRun:
             self._write_status(status)
             self.tb.close()
             return EXIT_PREEMPTED
-        if not res:
+        if res_step != c.step:  # the budget ended mid-epoch (or max_steps): evaluate the final weights
             res = self.evaluate()
-            self._after_eval(res, c.epoch)
+            self._after_eval(res, c.epoch + (c.step_in_epoch > 0))
         self.save()
         self._export("last", self.engine.module, res)
         if self.ema is not None:
             self._export("ema", self.ema.module, {"ema_top1": res.get("ema_top1")})
         if D.is_main():
             final = {"mode": cfg.mode, "top1": res["top1"], "top5": res["top5"], "loss": res["loss"],
-                     "best_top1": self.best["top1"], "best_epoch": self.best["epoch"], "epochs": c.epoch,
+                     "best_top1": self.best["top1"], "best_epoch": self.best["epoch"],
+                     "epochs": round(c.epoch + c.step_in_epoch / self.full_steps, 3),
                      "steps": c.step, "samples": c.samples, "wall_time_s": round(self._wall(), 2),
                      "val_count": res["count"], "val_id_sum": res["id_sum"], "val_unreadable": res["unreadable"],
                      "world_size": self.world, "global_batch": self.global_batch, "base_lr": self.base_lr,
