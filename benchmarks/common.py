@@ -165,8 +165,8 @@ class Trainer:
         decay = [p for n, p in self.model.named_parameters() if p.ndim > 1 and "token" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim > 1 and "token" not in n)]
         kw = {"fused": True} if sc.fused else {}
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=sc.lr, betas=(0.9, 0.95), **kw)
+        groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW(groups, lr=sc.lr, betas=(0.9, 0.95), **kw)
         self.scaler = torch.amp.GradScaler(dev.type) if sc.grad_scaler else None
         self.fn: Callable = self.model
         if sc.compile:

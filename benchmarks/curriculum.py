@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="tiny | demo | vit_b | vit_l (default: vit_b on CUDA, demo on CPU)")
     p.add_argument("--img-size", type=int, default=None, help="final size (default: the preset's)")
     p.add_argument("--schedules", default=",".join(DEFAULT_SCHEDULES), help="comma-separated schedule names")
+    p.add_argument("--trainer-schedules", default=None,
+                   help="schedules for the trainer part (default: --schedules; --quick: constant,efficienttrain++)")
     p.add_argument("--part", choices=("all", "step", "trainer"), default="all")
     p.add_argument("--batch", type=int, default=None,
                    help="micro-batch (fixed across B, as in the trainer); default 64 (tiny: 16; vit_b/l: 128)")
@@ -84,7 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.warmup, a.iters, a.repeats = 1, 2, 1
         a.epochs = min(a.epochs, 1.0)
         a.no_warmup_run = True
-        a.jobs = max(a.jobs, 3)
+        a.trainer_schedules = a.trainer_schedules or "constant,efficienttrain++"
+        a.jobs = max(a.jobs, 2)
         a.num_workers = 1 if a.num_workers is None else a.num_workers
         a.train_size = a.train_size or 240
         a.trainer_threads = a.trainer_threads or 1
@@ -288,14 +291,16 @@ def main(argv=None) -> int:
     result: dict = {"benchmark": "curriculum", "env": environment(dev), "model": {"preset": a.model, **cfg},
                     "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                     "schedules": {n: {"sizes": s.sizes(), "accounting": s.accounting,
-                                      "fractions": [st.end - st.start for st in s.stages]} for n, s in schedules.items()}}
+                                      "fractions": [st.end - st.start for st in s.stages]}
+                                  for n, s in schedules.items()}}
     print(f"# {a.model} MAE, final {final}px, patch {patch}, micro-batch {a.batch}, {dev}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     if a.part in ("all", "step"):
         rows = step_times(a, cfg, sizes, dev)
         result["step_times"] = rows
         print_table(rows, [("size", "B", "d"), ("batch", "batch", "d"), ("gflops_per_image", "GFLOP/img", ".4g"),
-                           ("step_ms", "step ms", ".4g"), ("crop_ms", "crop ms", ".3g"), ("crop_share", "crop %", ".1%"),
+                           ("step_ms", "step ms", ".4g"), ("crop_ms", "crop ms", ".3g"),
+                           ("crop_share", "crop %", ".1%"),
                            ("images_per_s", "img/s", ".1f"), ("achieved_gflops", "GFLOP/s", ".1f"),
                            ("rel_flops", "FLOPs rel", ".3f"), ("rel_time", "time rel", ".3f"),
                            ("efficiency", "FLOP/s rel", ".2f")],
@@ -307,7 +312,8 @@ def main(argv=None) -> int:
                      ("flops_speedup", "FLOPs speed-up", ".3f"), ("model_time_speedup", "model-time speed-up", ".3f")],
                     title="\n## predicted speed-up over constant, same budget E (model only)")
     if a.part in ("all", "trainer"):
-        rows = trainer_runs(a, cfg, names)
+        tnames = [s.strip() for s in (a.trainer_schedules or a.schedules).split(",") if s.strip()]
+        rows = trainer_runs(a, cfg, tnames)
         result["trainer_runs"] = rows
         print_table(rows, [("schedule", "schedule", "s"), ("steps", "steps", "d"), ("samples", "images", "d"),
                            ("flops", "FLOPs", ".3e"), ("loop_s", "loop s", ".2f"), ("process_s", "process s", ".1f"),

@@ -147,7 +147,8 @@ def run_mode(mode: str, a, cfg: dict, sizes: list[int], dev: torch.device) -> tu
     info["loss_finite"] = bool(torch.isfinite(torch.tensor(check)))
     ref = next((r for r in rows if r["size"] == final), None)
     for r in rows:
-        r["scaling"] = (r["images_per_s"] * r["flops_per_image"]) / (ref["images_per_s"] * ref["flops_per_image"]) if ref else None
+        ref_rate = ref["images_per_s"] * ref["flops_per_image"] if ref else None
+        r["scaling"] = r["images_per_s"] * r["flops_per_image"] / ref_rate if ref else None
         r["ideal_images_per_s"] = ref["images_per_s"] * ref["flops_per_image"] / r["flops_per_image"] if ref else None
         r["within_15pct"] = (abs(r["scaling"] - 1.0) <= 0.15) if ref else None
     info["recompiles_total"] = sum(r["graphs_compiled"] for r in rows)

@@ -48,14 +48,13 @@ def test_curriculum_quick(tmp_path):
     assert res["model_only"]["constant"]["flops_speedup"] == pytest.approx(1.0)
     assert res["model_only"]["efficienttrain"]["flops_speedup"] > 1.0
     runs = {r["schedule"]: r for r in res["trainer_runs"]}
-    assert set(runs) == {"constant", "efficienttrain", "efficienttrain++"}
+    assert set(runs) == {"constant", "efficienttrain++"}  # --quick: two trainer runs, side by side
     for r in runs.values():
         for k in ("flops", "samples", "steps", "loop_s", "process_s", "images_per_s", "predicted_speedup",
                   "measured_speedup"):
             assert _positive(r[k]), (k, r)
         assert r["loop_s"] < r["process_s"] and r["per_size"]
     assert runs["constant"]["predicted_speedup"] == 1.0 and runs["constant"]["measured_speedup"] == 1.0
-    assert runs["efficienttrain"]["predicted_speedup"] > 1.0  # same images, lower resolution: fewer FLOPs
     # ET++ counts compute: the same FLOP budget as constant (up to the last step's overshoot), more images
     assert runs["efficienttrain++"]["predicted_speedup"] == pytest.approx(1.0, abs=0.1)
     assert runs["efficienttrain++"]["samples"] > runs["constant"]["samples"]

@@ -63,3 +63,16 @@ def test_growing_the_micro_batch_at_low_resolution_keeps_the_optimisation(tmp_pa
     num = sum(float((wa[k] - wb[k]).norm() ** 2) for k in wa) ** 0.5
     den = sum(float(wa[k].norm() ** 2) for k in wa) ** 0.5
     assert num / den < 1e-6, num / den
+
+
+@pytest.mark.slow
+def test_compiled_training_compiles_once_per_stage(tmp_path, demo_data):
+    out = tmp_path / "compiled"
+    r = run(pretrain_cmd(out, demo_data, "train.epochs=1", "train.compile=true", "curriculum.schedule=custom",
+                         "curriculum.stages=[{size: 16, fraction: 0.5, magnitude: 0}, {size: 32, fraction: 0.5, magnitude: 0}]"),
+            timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = read_json(out / "final.json")
+    sizes = {int(v) for _, v in scalars(out / "tensorboard", "curriculum/B")}
+    assert sizes == {16, 32} and final["step"] > 20
+    assert final["compiled_graphs"] == 2  # one graph per B, not one per step

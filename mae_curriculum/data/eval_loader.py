@@ -7,7 +7,8 @@ image cannot be decoded is also returned with ``valid`` 0 and counted in ``unrea
 another sample (that would count it twice). Equal batch counts keep collective-using models (ZeRO-3) in step.
 
 Batches are dicts ``{image uint8 (B,3,S,S), label int64, id int64, valid bool, unreadable int64}``, made inside
-the workers (the DataLoader's ``batch_size=None``); each worker reads a contiguous run of batches. Images are centre crops (``SampleTransform(train=False)``).
+the workers (the DataLoader's ``batch_size=None``); each worker reads a contiguous run of batches, so every shard
+is read once, sequentially. Images are centre crops (``SampleTransform(train=False)``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mae_curriculum.data.eval_loader import EvalLoader
-from mae_curriculum.engine import dist as D
 from mae_curriculum.engine.pretrain import normalise
 
 
@@ -72,4 +71,41 @@ def extract_features(features: Callable[[torch.Tensor], torch.Tensor], loader: E
     return feats.cpu(), (labels - 1).cpu()
 
 
-__all__ = ["evaluate", "extract_features"]
+class FeatureCache:
+    """The linear probe's fast path (no augmentation): frozen features of both splits, extracted once and held
+    on every rank; epochs then draw batches from a seeded permutation split over ranks."""
+
+    def __init__(self, features: Callable[[torch.Tensor], torch.Tensor], train: EvalLoader, val: EvalLoader,
+                 mean: torch.Tensor, std: torch.Tensor, dev: torch.device):
+        self.dev = dev
+        self.train = extract_features(features, train, mean, std, dev, train.index.num_samples)
+        self.val = extract_features(features, val, mean, std, dev, val.index.num_samples)
+        self.train_ids = torch.nonzero(self.train[1] >= 0).flatten()
+
+    def steps_per_epoch(self, world: int, batch: int, multiple: int = 1) -> int:
+        steps = len(self.train_ids) // (world * batch)
+        return steps - steps % multiple
+
+    def batches(self, epoch: int, start: int, steps: int, batch: int, world: int, rank: int, seed: int):
+        """(features, labels) for steps ``start..steps-1`` of ``epoch`` on ``rank``."""
+        order = self.train_ids[torch.randperm(len(self.train_ids),
+                                              generator=torch.Generator().manual_seed(seed * 100_003 + epoch))]
+        mine = order[rank * steps * batch:(rank + 1) * steps * batch]
+        for s in range(start, steps):
+            ids = mine[s * batch:(s + 1) * batch]
+            yield self.train[0][ids].to(self.dev), self.train[1][ids].to(self.dev)
+
+    @torch.no_grad()
+    def evaluate(self, head: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+        """Same keys as :func:`evaluate`, over the cached validation features (all of them, on every rank)."""
+        feats, labels = self.val
+        keep = labels >= 0
+        logits = head(feats[keep].to(self.dev)).float().cpu()
+        top = logits.topk(min(5, logits.shape[1]), 1).indices == labels[keep, None]
+        n = max(int(keep.sum()), 1)
+        return {"top1": 100.0 * top[:, 0].sum().item() / n, "top5": 100.0 * top.any(1).sum().item() / n,
+                "loss": F.cross_entropy(logits, labels[keep]).item(), "count": int(keep.sum()),
+                "id_sum": int(torch.nonzero(keep).sum()), "unreadable": int((~keep).sum())}
+
+
+__all__ = ["evaluate", "extract_features", "FeatureCache"]

@@ -41,7 +41,7 @@ from mae_curriculum.data.transforms import AugmentConfig
 from mae_curriculum.engine import checkpoint as ckpt
 from mae_curriculum.engine import dist as D
 from mae_curriculum.engine.ds_config import deepspeed_config, resolve_precision
-from mae_curriculum.engine.evaluate import evaluate, extract_features
+from mae_curriculum.engine.evaluate import FeatureCache, evaluate
 from mae_curriculum.engine.logging import Scalars
 from mae_curriculum.engine.lr import lr_at, set_lr
 from mae_curriculum.engine.pretrain import (EXIT_DIVERGED, EXIT_PREEMPTED, Budget, StopFlag, TrainingError,
@@ -58,24 +58,6 @@ def per_sample_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float
     if target.dim() == 2:
         return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1)
     return F.cross_entropy(logits, target, reduction="none", label_smoothing=smoothing)
-
-
-def build_optimizer(cfg: FinetuneConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if cfg.mode == "linprobe":  # MAE: LARS on the head, trust ratio on the weight matrix only
-        params = [p for p in model.head.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim > 1], "always_adapt": True},
-                  {"params": [p for p in params if p.ndim <= 1], "always_adapt": False, "weight_decay": 0.0}]
-    else:
-        decay = o.layer_decay if cfg.model.name == "vit" else 1.0
-        groups = V.param_groups(model, o.weight_decay, decay)
-    if o.name == "lars" or cfg.mode == "linprobe":
-        from timm.optim import Lars
-
-        return Lars(groups, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay)
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
 
 def _torch_optimizer(opt):
@@ -108,27 +90,20 @@ class FinetuneRun:
         self.index, self.val_index = load_index(cfg.data.train_shards), load_index(cfg.data.val_shards)
         self.num_classes = m.num_classes or self.index.num_classes
         if self.num_classes < 2:
-            raise ConfigError(f"model.num_classes: the train shards' _info.json gives {self.num_classes} classes; set it")
+            raise ConfigError(f"model.num_classes: the train shards' _info.json gives {self.num_classes} classes; "
+                              f"set it")
         cur = cfg.curriculum
         self.schedule = build_schedule(cur.schedule, final_size=m.img_size, patch_size=m.patch_size,
                                        max_magnitude=cur.max_magnitude, custom=cur.stages or None,
                                        **({"accounting": cur.accounting} if cur.schedule == "custom" else {}))
-        model = V.build_classifier(cfg, self.num_classes)
-        if cfg.mode != "supervised":
-            report = V.load_pretrained(model, cfg.finetune.pretrained)
+        model, report = V.build_for_config(cfg, self.num_classes, sorted(set(self.schedule.sizes()) | {m.img_size}))
+        if report is not None:
             log.info("pre-trained encoder: %s", report.summary())
             if D.is_main():
                 V.write_report(report, self.out)
         self.resizable = cfg.mode != "linprobe" and V.has_resizable_pos_embed(model)
-        sizes = sorted(set(self.schedule.sizes()) | {m.img_size})
-        if V.has_resizable_pos_embed(model.encoder if cfg.mode == "linprobe" else model):
-            p = (model.encoder if cfg.mode == "linprobe" else model).patch_embed.patch_size[0]
-            if p != m.patch_size:
-                raise ConfigError(f"model.patch_size is {m.patch_size} but {m.name} has patches of {p}")
-            if self.resizable and len(sizes) > 1 and cfg.train.zero_stage != 0:
-                raise ConfigError("resizing the pos-embed at curriculum stage changes needs train.zero_stage=0")
-        else:
-            V.check_input_sizes(model, sizes, m.in_chans)
+        if self.resizable and len(set(self.schedule.sizes())) > 1 and cfg.train.zero_stage != 0:
+            raise ConfigError("resizing the pos-embed at curriculum stage changes needs train.zero_stage=0")
         model.to(self.dev)
         torch.manual_seed(cfg.train.seed + 1000 * self.rank)  # mixup / erasing / drop path differ over ranks
         np.random.seed(cfg.train.seed + 1000 * self.rank)
@@ -141,7 +116,7 @@ class FinetuneRun:
 
         ds_cfg = deepspeed_config(cfg.train.batch_size, cfg.train.grad_accum, self.world, "fp32",
                                   cfg.train.zero_stage, cfg.optim.gradient_clipping)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(cfg, model),
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=V.build_optimizer(cfg, model),
                                                                  config=ds_cfg)
         self.amp = torch.bfloat16 if self.precision == "bf16" else None
         self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * self.world
@@ -167,15 +142,23 @@ class FinetuneRun:
         eval_batch = cfg.eval.batch_size or cfg.train.batch_size
         self.val_loader = EvalLoader(self.val_index, eval_batch, self.world, self.rank, cfg.model.img_size,
                                      cfg.data.num_workers)
-        self.cached = cfg.mode == "linprobe" and cfg.linprobe.cache_features and a.crop == "center"
-        if self.cached:
-            self._extract()
+        self.cached = self.mixup = self.erasing = None
+        if cfg.mode == "linprobe" and cfg.linprobe.cache_features and a.crop == "center":
+            t = time.time()
+            train = EvalLoader(self.index, eval_batch, self.world, self.rank, cfg.model.img_size, cfg.data.num_workers)
+            with self._autocast():
+                self.cached = FeatureCache(self.engine.module.features, train, self.val_loader, self.mean, self.std,
+                                           self.dev)
+            self.full_steps = self.cached.steps_per_epoch(self.world, cfg.train.batch_size, cfg.train.grad_accum)
+            if self.full_steps == 0:
+                raise ConfigError("train.batch_size x ranks is larger than the train split")
+            log.info("linear probe: features of %d + %d images extracted in %.1f s", len(self.cached.train_ids),
+                     int((self.cached.val[1] >= 0).sum()), time.time() - t)
             return
         spec = StreamSpec(self.index, cfg.train.batch_size, self.world, self.rank, cfg.data.num_workers,
                           cfg.train.seed, cfg.data.shuffle_buffer, aug, steps_multiple=cfg.train.grad_accum)
         self.loader = ShardLoader(spec, pin_memory=cfg.data.pin_memory and torch.cuda.is_available())
         self.full_steps = self.loader.steps_in_epoch(None)
-        self.mixup = self.erasing = None
         if uses_mixup(cfg):
             from timm.data import Mixup
 
@@ -187,25 +170,6 @@ class FinetuneRun:
 
             self.erasing = RandomErasing(a.reprob, mode="pixel", max_count=1, device=self.dev)
 
-    def _extract(self) -> None:
-        """The linear probe's fast path: frozen features of both splits, once (same on every rank)."""
-        cfg, model = self.cfg, self.engine.module
-        t = time.time()
-        train_loader = EvalLoader(self.index, cfg.eval.batch_size or cfg.train.batch_size, self.world, self.rank,
-                                  cfg.model.img_size, cfg.data.num_workers)
-        with self._autocast():
-            self.train_feats = extract_features(model.features, train_loader, self.mean, self.std, self.dev,
-                                                self.index.num_samples)
-            self.val_feats = extract_features(model.features, self.val_loader, self.mean, self.std, self.dev,
-                                              self.val_index.num_samples)
-        self.train_ids = torch.nonzero(self.train_feats[1] >= 0).flatten()
-        self.full_steps = len(self.train_ids) // (self.world * cfg.train.batch_size)
-        self.full_steps -= self.full_steps % cfg.train.grad_accum
-        if self.full_steps == 0:
-            raise ConfigError("train.batch_size x ranks is larger than the train split")
-        log.info("linear probe: features of %d + %d images extracted in %.1f s", len(self.train_ids),
-                 int((self.val_feats[1] >= 0).sum()), time.time() - t)
-
     def _autocast(self):
         return torch.autocast(self.dev.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
 
@@ -214,7 +178,8 @@ class FinetuneRun:
         arg, existing = self.resume_arg, ckpt.find_resume(self.ckpt_dir)
         if arg == "none":
             if existing is not None:
-                raise TrainingError(f"{self.ckpt_dir} already holds checkpoints: use --resume auto or a new output_dir", 2)
+                raise TrainingError(f"{self.ckpt_dir} already holds checkpoints: use --resume auto or a new "
+                                    f"output_dir", 2)
             return
         path = existing if arg == "auto" else ckpt.find_resume(Path(arg)) or Path(arg)
         if path is None:
@@ -222,7 +187,7 @@ class FinetuneRun:
         if not (path / ckpt.MARKER).is_file():
             raise TrainingError(f"--resume {arg}: no complete checkpoint there", code=2)
         state = json.loads((path / "run_state.json").read_text())
-        self._set_size(self.schedule.stage_at(state["counters"]["progress"]).size)  # shapes must match to load
+        self._set_size(state["input_size"])  # the pos-embed table of the saved model: shapes must match to load
         try:
             client = ckpt.load(self.engine, path)
         except ckpt.CheckpointError as e:
@@ -243,10 +208,14 @@ class FinetuneRun:
         except ckpt.CheckpointError as e:
             raise TrainingError(str(e)) from None
         if D.is_main():
-            (path / "run_state.json").write_text(json.dumps({"counters": c.to_dict(), "world_size": self.world}))
+            # input_size: the stage size of the last step run (its pos-embed grid); the progress may already
+            # point into the next stage, whose resize happens at the next step
+            (path / "run_state.json").write_text(json.dumps({"counters": c.to_dict(), "input_size": self.cur_size,
+                                                             "world_size": self.world}))
             if epoch_end is not None:
                 ckpt.mark_epoch_end(path, epoch_end)
-            ckpt.apply_retention(self.ckpt_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every_epochs, {})
+            k = self.cfg.checkpoint
+            ckpt.apply_retention(self.ckpt_dir, k.keep_last, k.keep_every_epochs, {})
         D.barrier()
 
     def _export(self, name: str, module: torch.nn.Module, metrics: dict) -> None:
@@ -271,40 +240,36 @@ class FinetuneRun:
             V.resize_pos_embed_(self.engine.module, size, _torch_optimizer(self.optimizer))
             if self.ema is not None:
                 V.resize_pos_embed_(self.ema.module, size)
-            log.info("curriculum: input size %d, pos-embed resized to a %dx%d grid", size, *self.engine.module.patch_embed.grid_size)
+            log.info("curriculum: input size %d, pos-embed resized to a %dx%d grid", size,
+                     *self.engine.module.patch_embed.grid_size)
         self.cur_size = size
 
     def _batches(self, epoch: int, start: int, magnitude: float):
         """(input, labels) for the rest of the epoch: normalised images or cached features."""
-        if not self.cached:
+        if self.cached is None:
             self.loader.start_epoch(epoch, start, None, magnitude=magnitude)
             for b in self.loader:
                 yield normalise(b["image"], self.mean, self.std, self.dev), b["label"].to(self.dev)
             return
-        bs = self.cfg.train.batch_size
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + epoch)
-        order = self.train_ids[torch.randperm(len(self.train_ids), generator=g)]
-        mine = order[self.rank * self.full_steps * bs:(self.rank + 1) * self.full_steps * bs]
-        for s in range(start, self.full_steps):
-            ids = mine[s * bs:(s + 1) * bs]
-            yield self.train_feats[0][ids].to(self.dev), self.train_feats[1][ids].to(self.dev)
+        yield from self.cached.batches(epoch, start, self.full_steps, self.cfg.train.batch_size, self.world, self.rank,
+                                       self.cfg.train.seed)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
         """One micro-step; returns (per-sample losses, non-finite anywhere, stop requested anywhere)."""
         c, cfg = self.counters, self.cfg
         stage = self.schedule.stage_at(c.progress)
-        if not self.cached:
+        if self.cached is None:
             self._set_size(stage.size)
             if stage.size != x.shape[-1]:
                 x = fourier_crop(x, stage.size)
             if self.erasing is not None:
                 x = self.erasing(x)
         target = y
-        if not self.cached and self.mixup is not None:
+        if self.cached is None and self.mixup is not None:
             x, target = self.mixup(x, y)
         with self._autocast():
-            logits = self.engine(x, features=True) if self.cached else self.engine(x)
-        per = per_sample_loss(logits.float(), target, 0.0 if self.cached else cfg.augment.smoothing)
+            logits = self.engine(x) if self.cached is None else self.engine(x, features=True)
+        per = per_sample_loss(logits.float(), target, cfg.augment.smoothing if self.cached is None else 0.0)
         loss = per.mean()
         flags = torch.tensor([float(not torch.isfinite(loss.detach())), float(self.stop.requested)], device=self.dev)
         nonfinite, stop = (bool(v) for v in D.all_reduce_flags(flags).tolist())
@@ -324,15 +289,8 @@ class FinetuneRun:
         model = self.engine.module
         model.eval()
         with self._autocast():
-            if self.cached:
-                feats, labels = self.val_feats
-                keep = labels >= 0
-                logits = model(feats[keep].to(self.dev), features=True).float()
-                top = logits.topk(min(5, logits.shape[1]), 1).indices.cpu() == labels[keep, None]
-                n = int(keep.sum())
-                res = {"top1": 100.0 * top[:, 0].sum().item() / n, "top5": 100.0 * top.any(1).sum().item() / n,
-                       "loss": F.cross_entropy(logits.cpu(), labels[keep]).item(), "count": n,
-                       "id_sum": int(torch.nonzero(keep).sum()), "unreadable": int((~keep).sum())}
+            if self.cached is not None:
+                res = self.cached.evaluate(lambda f: model(f, features=True))
             else:
                 res = evaluate(model, self.val_loader, self.mean, self.std, self.dev)
                 if self.ema is not None:
@@ -400,7 +358,8 @@ class FinetuneRun:
             if epoch_complete and (c.epoch % cfg.eval.every_epochs == 0 or done):
                 res, res_step = self.evaluate(), c.step
                 self._after_eval(res, c.epoch)
-            if epoch_complete and not done and cfg.checkpoint.every_epochs and c.epoch % cfg.checkpoint.every_epochs == 0:
+            every = cfg.checkpoint.every_epochs
+            if epoch_complete and not done and every and c.epoch % every == 0:
                 self.save(epoch_end=c.epoch - 1)
         if status == "preempted":
             self._write_status(status)
@@ -423,8 +382,8 @@ class FinetuneRun:
                      "schedule": self.schedule.name, "nonfinite_skips": c.nonfinite_skips,
                      **({"ema_top1": res["ema_top1"]} if "ema_top1" in res else {})}
             (self.out / "final.json").write_text(json.dumps(final, indent=1))
-            log.info("finished: top-1 %.2f%% (best %.2f%% at epoch %d), %d epochs, %.0f s", res["top1"],
-                     self.best["top1"], self.best["epoch"], c.epoch, self._wall())
+            log.info("finished: top-1 %.2f%% (best %.2f%% at epoch %d), %.2f epochs, %.0f s", res["top1"],
+                     self.best["top1"], self.best["epoch"], final["epochs"], final["wall_time_s"])
         self._write_status(status)
         self.tb.close()
         return 0

@@ -152,6 +152,9 @@ class PretrainRun:
                                   cfg.train.zero_stage, cfg.optim.gradient_clipping)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=ds_cfg)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        self._prepared_size = None
+        if cfg.train.compile:  # through DeepSpeed; static shapes: one compile per curriculum stage (per B)
+            self.engine.compile(compile_kwargs={"dynamic": False})
         self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * self.world
         self.base_lr = cfg.optim.lr or cfg.optim.blr * self.global_batch / 256
         m = cfg.model
@@ -302,7 +305,9 @@ class PretrainRun:
         model.eval()
         g = torch.Generator(device=self.dev).manual_seed(1234)
         noise = torch.rand(x.shape[0], (stage.size // cfg.model.patch_size) ** 2, generator=g, device=self.dev)
-        _, _, pred, mask = model(x.to(self.dtype), cfg.model.mask_ratio, noise)
+        # .forward, not __call__: with train.compile the module is compiled in place, and an eval/no-grad call
+        # would trigger a recompile of the training graph
+        _, _, pred, mask = model.forward(x.to(self.dtype), cfg.model.mask_ratio, noise)
         recon = model.reconstruct(x.float(), pred, mask)
         model.train(was_training)
         to01 = lambda t: (t.float() * self.std + self.mean).clamp(0, 1).cpu()  # noqa: E731
@@ -360,6 +365,9 @@ class PretrainRun:
                 pending = []
                 c.micro_step += 1
                 stage = self.schedule.stage_at(c.progress)
+                if stage.size != self._prepared_size:
+                    self.engine.module.prepare_grid(stage.size, self.dev, self.dtype)
+                    self._prepared_size = stage.size
                 x = normalise(batch["image"], self.mean, self.std, self.dev)
                 if stage.size != x.shape[-1]:
                     x = fourier_crop(x, stage.size)
@@ -374,8 +382,9 @@ class PretrainRun:
                 save_due = (cfg.checkpoint.every_minutes > 0
                             and time.time() - self._last_save_time > 60 * cfg.checkpoint.every_minutes)
                 # one collective, one host sync per micro-step: non-finite loss, stop signal, time to save
-                flags = torch.cat([(~torch.isfinite(loss.detach())).float().view(1),
-                                   torch.tensor([float(self.stop.requested), float(save_due)], device=self.dev)])
+                flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                                     torch.full((), float(self.stop.requested), device=self.dev),
+                                     torch.full((), float(save_due), device=self.dev)])
                 nonfinite, stop_req, save_due = (bool(v) for v in D.all_reduce_flags(flags).tolist())
                 # account for the data consumed, whatever happens to the step
                 images = n * self.world
@@ -476,6 +485,10 @@ class PretrainRun:
             paths = ckpt.export_safetensors(self.engine.module, self.out / "export", to_dict(cfg.model))
             summary = {**c.to_dict(), "final_loss": last_loss, "export": {k: str(v) for k, v in paths.items()},
                        "schedule": self.schedule.name, "status": status}
+            if cfg.train.compile:
+                from torch._dynamo.utils import counters
+
+                summary["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
             (self.out / "final.json").write_text(json.dumps(summary, indent=1))
             log.info("finished: step %d, epoch %d, %d images, final loss %.4f, %.3f PFLOP",
                      c.step, c.epoch, c.samples, last_loss, c.flops / 1e15)
@@ -518,11 +531,13 @@ class PretrainRun:
         """Masking noise seeded per loader batch (epoch, index in epoch, rank): identical whether batches are
         merged or not, and after a resume."""
         m = self.cfg.train.batch_size
+        if not hasattr(self, "_gen"):
+            self._gen = torch.Generator(device=self.dev)
         parts = []
         for epoch, k in keys:
             seed = (self.cfg.train.seed * 1_000_003 + epoch * 15_485_863 + k * 7919 + self.rank * 104_729) % (2**62)
-            g = torch.Generator(device=self.dev).manual_seed(seed)
-            parts.append(torch.rand(m, num_patches, generator=g, device=self.dev))
+            self._gen.manual_seed(seed)
+            parts.append(torch.rand(m, num_patches, generator=self._gen, device=self.dev))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _warmup(self) -> float:

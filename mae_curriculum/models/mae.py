@@ -57,6 +57,7 @@ class MaskedAutoencoderViT(nn.Module):
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        self._pos_tables: dict[tuple, torch.Tensor] = {}  # fixed sin-cos tables per (dim, grid, device, dtype)
         self.initialize_weights()
 
     # ------------------------------------------------------------------ init
@@ -86,8 +87,22 @@ class MaskedAutoencoderViT(nn.Module):
         return h // p, w // p
 
     def pos_embed_for(self, dim: int, grid: tuple[int, int], ref: torch.Tensor) -> torch.Tensor:
-        """(1, 1 + gh*gw, dim) fixed sin-cos table for ``grid``, on ref's device and dtype."""
-        return cached_sincos_2d(dim, grid[0], grid[1], True).to(device=ref.device, dtype=ref.dtype).unsqueeze(0)
+        """(1, 1 + gh*gw, dim) fixed sin-cos table for ``grid``, on ref's device and dtype (built once per key:
+        no host-to-device copy and, under torch.compile, no table rebuilt inside the graph)."""
+        key = (dim, grid, ref.device, ref.dtype)
+        table = self._pos_tables.get(key)
+        if table is None:
+            table = cached_sincos_2d(dim, grid[0], grid[1], True).to(device=ref.device, dtype=ref.dtype).unsqueeze(0)
+            self._pos_tables[key] = table
+        return table
+
+    def prepare_grid(self, size: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Build the encoder and decoder tables for a BxB input ahead of the forward (the trainer calls this at
+        every stage change, so a compiled forward only ever looks them up)."""
+        ref = torch.empty(0, device=device, dtype=dtype)
+        grid = (size // self.patch_size, size // self.patch_size)
+        self.pos_embed_for(self.embed_dim, grid, ref)
+        self.pos_embed_for(self.decoder_embed_dim, grid, ref)
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, L, p*p*C)."""

@@ -128,9 +128,26 @@ def check_input_sizes(model: nn.Module, sizes: list[int], in_chans: int = 3) -> 
                 msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 raise ConfigError(f"model {type(model).__name__} does not accept {s}x{s} inputs, a size of the "
                                   f"curriculum ({msg}); for Swin set model.kwargs.strict_img_size=false "
-                                  f"(timm pads to the window size) or choose a schedule with sizes it accepts") from None
+                                  f"(timm pads to the window size) or a schedule with sizes it accepts") from None
     finally:
         model.train(was)
+
+
+def build_for_config(cfg, num_classes: int, sizes: list[int]) -> tuple[nn.Module, "LoadReport | None"]:
+    """The model of a FinetuneConfig with its pre-trained encoder loaded (modes finetune / linprobe), checked
+    against the input ``sizes`` it will see: a ViT's patch must be ``model.patch_size``; other models run one
+    image at each size (see :func:`check_input_sizes`)."""
+    m = cfg.model
+    model = build_classifier(cfg, num_classes)
+    report = load_pretrained(model, cfg.finetune.pretrained) if cfg.mode != "supervised" else None
+    vit = model.encoder if isinstance(model, LinearProbe) else model
+    if has_resizable_pos_embed(vit):
+        if vit.patch_embed.patch_size[0] != m.patch_size:
+            raise ConfigError(f"model.patch_size is {m.patch_size} but {m.name} has patches of "
+                              f"{vit.patch_embed.patch_size[0]}")
+    else:
+        check_input_sizes(model, sizes, m.in_chans)
+    return model, report
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -299,7 +316,8 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
             raise PretrainedError(f"{file}: pos_embed of shape {_shape(pe)} does not fit the model's "
                                   f"{_shape(target['pos_embed'])} (embedding width or a non-square grid)")
         sd["pos_embed"] = _resample(pe, grid, (side, side), 1, "bicubic")
-        report.pos_embed = "checkpoint" + (f", resized {side}x{side} -> {grid[0]}x{grid[1]}" if (side, side) != grid else "")
+        resized = (side, side) != grid
+        report.pos_embed = "checkpoint" + (f", resized {side}x{side} -> {grid[0]}x{grid[1]}" if resized else "")
     else:
         sd["pos_embed"] = sincos_pos_embed(target["pos_embed"].shape[-1], grid)
         report.pos_embed = f"sin-cos for the model grid {grid[0]}x{grid[1]} (the checkpoint has a fixed table)"
@@ -327,7 +345,8 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
                               f"from it (e.g. {encoder_missing[0]})")
     vit.load_state_dict(state, strict=False)
     report.loaded = len(state)
-    report.missing = missing
+    report.missing = missing + ([f"head.{n}" for n, _ in model.head.named_parameters()]
+                                if isinstance(model, LinearProbe) else [])
     return report
 
 
@@ -355,6 +374,26 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> l
     return groups
 
 
-__all__ = ["build_vit", "build_classifier", "LinearProbe", "load_pretrained", "read_state_dict", "LoadReport",
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW / LARS / SGD (``cfg.optim.name``) over :func:`param_groups`; the linear probe: LARS on its head."""
+    o = cfg.optim
+    if cfg.mode == "linprobe":  # MAE: LARS on the head, trust ratio on the weight matrix only
+        params = [p for p in model.head.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim > 1], "always_adapt": True},
+                  {"params": [p for p in params if p.ndim <= 1], "always_adapt": False, "weight_decay": 0.0}]
+    else:
+        decay = o.layer_decay if cfg.model.name == "vit" else 1.0
+        groups = param_groups(model, o.weight_decay, decay)
+    if o.name == "lars" or cfg.mode == "linprobe":
+        from timm.optim import Lars
+
+        return Lars(groups, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+__all__ = ["build_optimizer", "build_vit", "build_classifier", "build_for_config", "LinearProbe", "load_pretrained",
+           "read_state_dict", "LoadReport",
            "PretrainedError", "resize_pos_embed_", "has_resizable_pos_embed", "sincos_pos_embed", "param_groups",
            "check_input_sizes", "write_report"]
