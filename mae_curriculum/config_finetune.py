@@ -166,6 +166,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     _check(0 < o.layer_decay <= 1, f"optim.layer_decay must be in (0, 1]; got {o.layer_decay}")
     _check(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1); got {o.momentum}")
     validate_train(cfg.train)
+    _check(not cfg.train.compile, "train.compile is not supported by finetune.py")
     validate_data(cfg.data)
     check_shards_path(cfg.data)
     _check(cfg.data.val_shards != "", "data.val_shards must be set (top-1/top-5 are measured on it)")

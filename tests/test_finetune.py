@@ -77,7 +77,7 @@ def test_finetune_demo_of_the_demo_mae_beats_chance(tmp_path, cifar, pretrained)
                          "train.epochs=3"))
     assert r.returncode == 0, r.stderr[-3000:]
     final = read_json(out / "final.json")
-    assert final["top1"] > 25.0, final  # chance is 10%
+    assert final["top1"] > 20.0, final  # chance is 10%: 1000 samples put 20% > 10 sigma above it
     assert final["top5"] > final["top1"] and final["best_top1"] >= final["top1"] and final["epochs"] == 3
     check_eval_counts(final)
     assert [e for e, _ in scalars(out / "tensorboard", "eval/top1")] == [1, 2, 3]  # one point per epoch
@@ -114,7 +114,7 @@ def test_supervised_demo_with_the_curriculum_beats_chance(tmp_path, cifar):
     r = run(finetune_cmd("supervised_demo.yaml", out, cifar, "train.epochs=2", "log.every_steps=1"))
     assert r.returncode == 0, r.stderr[-3000:]
     final = read_json(out / "final.json")
-    assert final["top1"] > 25.0, final
+    assert final["top1"] > 20.0, final
     check_eval_counts(final)
     sizes = [v for _, v in scalars(out / "tensorboard", "curriculum/B")]
     assert sizes[0] == 12 and sizes[-1] == 32 and sizes == sorted(sizes) and 24 in sizes  # ET++ at 32 px
@@ -129,11 +129,13 @@ def test_supervised_demo_with_the_curriculum_beats_chance(tmp_path, cifar):
 def test_two_rank_evaluation_counts_every_sample_once(tmp_path, cifar):
     out = tmp_path / "two"
     # 1000 samples: 500 per rank in batches of 96 -> 6 batches per rank, the last one padded
+    # (the training steps also run the full MAE recipe's on-device pieces: random erasing, mixup/cutmix, EMA)
     r = run(finetune_cmd("supervised_demo.yaml", out, cifar, "train.max_steps=2", "eval.batch_size=96",
-                         "curriculum.schedule=constant", launcher=deepspeed_launcher(29571)), timeout=300)
+                         "curriculum.schedule=constant", "augment.mixup=0.8", "augment.cutmix=1.0",
+                         "augment.reprob=0.25", "ema.enabled=true", launcher=deepspeed_launcher(29571)), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     final = read_json(out / "final.json")
-    assert final["world_size"] == 2 and final["steps"] == 2
+    assert final["world_size"] == 2 and final["steps"] == 2 and "ema_top1" in final
     check_eval_counts(final)
 
 

@@ -187,3 +187,14 @@ def test_index_errors_are_clear(tmp_path):
         {"splits": {"t": {"filenames": ["../../etc/passwd"], "shard_lengths": [1]}}}))
     with pytest.raises(DataError, match="outside the folder"):
         load_index(tmp_path / "esc")
+
+
+def test_fractional_randaugment_magnitude_from_the_curriculum(shards):
+    """ET++ stage magnitudes such as 4.5 reach timm's RandAugment exactly (timm's parser takes integers)."""
+    loader = make_loader(shards, workers=1)
+    loader.start_epoch(0, 0, None, magnitude=4.5)
+    batches = list(loader)
+    assert len(batches) == 28 and batches[0]["image"].dtype == torch.uint8
+    from mae_curriculum.data.transforms import _randaug
+
+    assert {op.magnitude for op in _randaug(4.5, 0.5).ops} == {4.5}

@@ -173,6 +173,7 @@ def test_other_architecture_is_a_one_line_error(tmp_path, change, needle):
     assert isinstance(e.value, ConfigError)  # -> exit status 2 in the CLI
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_unreadable_or_unsafe_checkpoints_are_refused(tmp_path):
     with pytest.raises(PretrainedError, match="not found"):
         load_pretrained(vit(), tmp_path / "missing.pth")

@@ -60,6 +60,11 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
         logging.getLogger("mae_curriculum").exception("unexpected failure")
         return fail(f"{type(e).__name__}: {e} (a bug? the traceback is above)", 1)
     finally:
+        import gc
+
         from mae_curriculum.engine import dist as D
 
+        # drop a failed run's DataLoader now: its persistent workers ignore SIGTERM (the main process owns
+        # preemption), so leaving them to interpreter shutdown can hang the exit
+        gc.collect()
         D.shutdown()

@@ -32,8 +32,10 @@ from functools import partial
 
 import torch
 
-from mae_curriculum.data.transforms import (AugmentConfig, CropParams, SampleTransform, decode_jpeg, open_image,
-                                            resized_crop)
+from contextlib import nullcontext
+
+from mae_curriculum.data.transforms import (AugmentConfig, CropParams, SampleTransform, decode_jpeg, one_thread,
+                                            open_image, resized_crop)
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +128,15 @@ def decode_crops(datas: list[torch.Tensor], params, size: int,
         raise ValueError(f"{len(datas)} images but {len(rows)} crop params")
     out = torch.empty((len(datas), 3, size, size), dtype=torch.uint8, device=device)
     failed: list[int] = []
-    for k, (img, p) in enumerate(zip(_decode_all(list(datas), device), rows)):
-        if img is None:
-            failed.append(k)
-            continue
-        try:
-            out[k] = resized_crop(img, (p.top, p.left, p.height, p.width), size, p.flip)
-        except (ValueError, RuntimeError):
-            failed.append(k)
+    with one_thread() if device.type == "cpu" else nullcontext():
+        for k, (img, p) in enumerate(zip(_decode_all(list(datas), device), rows)):
+            if img is None:
+                failed.append(k)
+                continue
+            try:
+                out[k] = resized_crop(img, (p.top, p.left, p.height, p.width), size, p.flip)
+            except (ValueError, RuntimeError):
+                failed.append(k)
     return out, failed
 
 
@@ -155,7 +158,8 @@ class BatchDecoder:
     def _cpu_decode(self, data: torch.Tensor, p: CropParams) -> torch.Tensor | None:
         raw = data.numpy().tobytes()
         try:
-            return self._cpu.apply(open_image(raw), raw, p)
+            with one_thread():
+                return self._cpu.apply(open_image(raw), raw, p)
         except Exception as e:  # noqa: BLE001 - a corrupt sample must never stop training
             log.debug("corrupt JPEG in GPU decode: %s", e)
             return None

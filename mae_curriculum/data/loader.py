@@ -119,6 +119,9 @@ def read_raw(index: ShardIndex, ids: np.ndarray, on_error: Callable[[str], None]
                         got[pos] = {s: v for s, v in sample.items() if s in ALLOWED_SUFFIXES}
                     if pos >= max(wanted):
                         break
+            if len(got) < len(wanted):  # tarfile ends a truncated archive silently
+                on_error(f"shard {index.path(k)}: ended before {len(wanted) - len(got)} of the {len(wanted)} "
+                         f"samples read from it (truncated, or shorter than _info.json says)")
         except (OSError, tarfile.TarError, ValueError) as e:
             on_error(f"shard {index.path(k)}: {type(e).__name__}: {e}")
         # yield in the requested order (ids ascend within a shard)

@@ -83,6 +83,8 @@ class FinetuneRun:
         check_output_dir(self.out)
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.dev, self.world, self.rank = D.device(), D.world_size(), D.rank()
         self.precision = resolve_precision(cfg.train.precision)
         if self.precision == "fp16":
