@@ -109,6 +109,7 @@ def read_raw(index: ShardIndex, ids: np.ndarray, on_error: Callable[[str], None]
         while end < len(ids) and shard_of[end] == k:
             end += 1
         wanted = {int(i - offsets[k]): int(i) for i in ids[start:end]}
+        last = max(wanted)  # (once: max() per sample cost ~10 us/sample with 1000-sample shards)
         got: dict[int, dict] = {}
         try:
             with open(index.path(k), "rb") as f:
@@ -117,7 +118,7 @@ def read_raw(index: ShardIndex, ids: np.ndarray, on_error: Callable[[str], None]
                 for pos, sample in enumerate(group_by_keys(stream)):
                     if pos in wanted:
                         got[pos] = {s: v for s, v in sample.items() if s in ALLOWED_SUFFIXES}
-                    if pos >= max(wanted):
+                    if pos >= last:
                         break
             if len(got) < len(wanted):  # tarfile ends a truncated archive silently
                 on_error(f"shard {index.path(k)}: ended before {len(wanted) - len(got)} of the {len(wanted)} "
