@@ -13,7 +13,7 @@ between a worker and the main process:
 Decode: JPEGs (RGB or greyscale) are decoded with ``torchvision.io.decode_jpeg`` (libjpeg-turbo, the same
 pixels as PIL, less overhead), or at reduced size with PIL ``draft`` when the crop is over twice the output
 size; other formats and modes go through PIL. The resize is torch's uint8 bicubic with ``antialias=True``
-(the PIL bicubic kernel, a = -0.5, ~7x faster than PIL's on this CPU); it works on a crop view of the
+(the PIL bicubic kernel, a = -0.5, ~6x faster than PIL's on this CPU); it works on a crop view of the
 decoded image, so pixels outside the crop box never enter the filter (PIL's ``box`` lets them in at the
 edges: outputs differ from the old PIL path by ~0.03 on average, only along the borders).
 """
