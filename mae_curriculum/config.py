@@ -60,6 +60,9 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     pin_memory: bool = True
+    # "cpu": workers decode + augment; "gpu": workers send JPEG bytes + crop boxes and the batch is decoded and
+    # cropped on the training device (torchvision.io.decode_jpeg on CUDA), for hosts whose CPUs cannot keep up
+    decode: Literal["cpu", "gpu"] = "cpu"
 
 
 @dataclass

@@ -60,3 +60,13 @@ def test_single_process_sets_rank_env_itself(tmp_path, demo_data):
 def test_help_runs_without_deepspeed_init():
     r = run([sys.executable, "pretrain.py", "--help"], timeout=60)
     assert r.returncode == 0 and "--resume" in r.stdout
+
+
+@pytest.mark.slow
+def test_device_decode_path_trains(tmp_path, demo_data):
+    """data.decode=gpu: JPEG bytes + crop boxes from the workers, decoded on the training device (here the CPU)."""
+    out = tmp_path / "devdecode"
+    r = run(pretrain_cmd(out, demo_data, "train.max_steps=6", "data.decode=gpu"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = read_json(out / "final.json")
+    assert final["step"] == 6 and final["corrupt_samples"] == 0

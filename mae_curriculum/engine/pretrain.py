@@ -208,8 +208,10 @@ class PretrainRun:
         aug = AugmentConfig(size=cfg.model.img_size, scale=(cfg.data.crop_scale_min, cfg.data.crop_scale_max),
                             hflip=cfg.data.hflip, randaug_magnitude=-1.0)
         spec = StreamSpec(self.index, cfg.train.batch_size, D.world_size(), D.rank(), cfg.data.num_workers,
-                          cfg.train.seed, cfg.data.shuffle_buffer, aug, steps_multiple=cfg.train.grad_accum)
-        self.loader = ShardLoader(spec, pin_memory=cfg.data.pin_memory and torch.cuda.is_available())
+                          cfg.train.seed, cfg.data.shuffle_buffer, aug, steps_multiple=cfg.train.grad_accum,
+                          decode=cfg.data.decode)
+        self.loader = ShardLoader(spec, pin_memory=cfg.data.pin_memory and torch.cuda.is_available(),
+                                  decode_device=D.device())
 
     def _resume(self) -> None:
         self.resumed_from = None
