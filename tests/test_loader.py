@@ -198,3 +198,19 @@ def test_fractional_randaugment_magnitude_from_the_curriculum(shards):
     from mae_curriculum.data.transforms import _randaug
 
     assert {op.magnitude for op in _randaug(4.5, 0.5).ops} == {4.5}
+
+
+def test_randaugment_is_reproducible_per_sample(cifar):
+    """Resume must redraw the same augmentation: every RNG RandAugment uses is seeded per sample."""
+    from mae_curriculum.data.transforms import SampleTransform, seed_sample
+
+    t = SampleTransform(AugmentConfig(size=32, randaug_magnitude=9.0))
+    outs = []
+    for junk in (1, 2):
+        np.random.seed(junk)  # disturb the global RNGs between the two draws
+        torch.manual_seed(junk)
+        seed_sample(0, 3, 17)
+        outs.append(torch.stack([t(cifar[i][0]) for i in range(8)]))
+    assert torch.equal(outs[0], outs[1])
+    seed_sample(0, 4, 17)
+    assert not torch.equal(torch.stack([t(cifar[i][0]) for i in range(8)]), outs[0])

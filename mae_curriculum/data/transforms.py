@@ -239,3 +239,4 @@ def seed_sample(seed: int, epoch: int, sample_id: int) -> None:
     # the CPU generator only: ``torch.manual_seed`` also (re)seeds every CUDA device (~75 us here, and in a
     # main-process loader it would reset the training's CUDA RNG at every sample); same CPU stream.
     torch.default_generator.manual_seed(s)
+    np.random.seed(s % 2**32)  # timm's RandAugment picks its ops with numpy's global RNG
