@@ -42,15 +42,16 @@ class Pwned:
         return (open, (self.path, "w"))
 
 
-def write_shards(folder: Path, samples: list[tuple[bytes, int]], lengths: list[int], extra=None) -> None:
+def write_shards(folder: Path, samples: list[tuple], lengths: list[int], extra=None) -> None:
+    """Shards of (image bytes, label[, suffix]) samples written as-is (no conversion), plus _info.json."""
     folder.mkdir(parents=True, exist_ok=True)
     names, it = [], iter(enumerate(samples))
     for k, n in enumerate(lengths):
         name = f"train-{k:06d}.tar"
         with tarfile.open(folder / name, "w") as tf:
             for _ in range(n):
-                i, (img, label) = next(it)
-                members = {"jpg": img, "cls": str(label).encode()}
+                i, (img, label, *suffix) = next(it)
+                members = {(suffix[0] if suffix else "jpg"): img, "cls": str(label).encode()}
                 if extra is not None:
                     members.update(extra(i))
                 for ext, data in members.items():

@@ -5,10 +5,8 @@ parameters vs torchvision's, and the main-process (``workers=0``) thread guard. 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import random
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,43 +15,21 @@ import torch
 from PIL import Image
 
 from mae_curriculum.data.index import load_index
+from test_loader import cifar_images, write_shards
 from mae_curriculum.data.loader import ShardLoader, StreamSpec, steps_per_epoch
 from mae_curriculum.data.transforms import AugmentConfig, SampleTransform, draw_params, seed_sample
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
 def cifar() -> list[bytes]:
-    out = []
-    with tarfile.open(CIFAR, "r:gz") as tf:
-        for m in tf:
-            parts = m.name.split("/")
-            if m.isfile() and len(parts) == 4 and parts[1] == "train" and parts[3].endswith(".jpg"):
-                out.append(tf.extractfile(m).read())
-                if len(out) == 64:
-                    break
-    return out
+    return [img for img, _ in cifar_images(64)]
 
 
 def write_raw_shards(folder: Path, samples: list[tuple[str, bytes]], lengths: list[int]) -> None:
     """Shards of (suffix, bytes) samples written as-is (no conversion), with label = position % 10."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names, it = [], iter(enumerate(samples))
-    for k, n in enumerate(lengths):
-        name = f"train-{k:06d}.tar"
-        with tarfile.open(folder / name, "w") as tf:
-            for _ in range(n):
-                i, (ext, data) = next(it)
-                for suffix, payload in ((ext, data), ("cls", str(i % 10).encode())):
-                    ti = tarfile.TarInfo(f"s{i:06d}.{suffix}")
-                    ti.size = len(payload)
-                    tf.addfile(ti, io.BytesIO(payload))
-        names.append(name)
-    info = {"name": "t", "splits": {"train": {"name": "train", "num_samples": sum(lengths), "filenames": names,
-                                              "shard_lengths": lengths}}, "num_classes": 10}
-    (folder / "_info.json").write_text(json.dumps(info))
+    write_shards(folder, [(data, i % 10, ext) for i, (ext, data) in enumerate(samples)], lengths)
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
