@@ -26,6 +26,8 @@ if str(ROOT) not in sys.path:  # run as ``python benchmarks/x.py`` from anywhere
     sys.path.insert(0, str(ROOT))
 
 from mae_curriculum.curriculum.flops import mae_flops_per_image  # noqa: E402
+from mae_curriculum.curriculum.schedule import scale_size  # noqa: E402
+from mae_curriculum.engine.optim import mae_param_groups  # noqa: E402
 from mae_curriculum.models.mae import MaskedAutoencoderViT  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------
@@ -70,16 +72,11 @@ def flops_per_image(cfg: dict[str, Any], size: int, mask_ratio: float = MASK_RAT
                                cfg["decoder_embed_dim"], cfg["decoder_depth"], 4.0, 3, mask_ratio)
 
 
-def round_to_patch(value: float, patch: int) -> int:
-    """Nearest multiple of ``patch`` (halves up), at least one patch: the schedule's rounding."""
-    return max(patch, math.floor(value / patch + 0.5) * patch)
-
-
 def scaled_sizes(final_size: int, patch: int, sizes_at_224: Sequence[int] = (96, 160, 192, 224)) -> list[int]:
     """``sizes_at_224`` scaled to ``final_size`` like the curriculum schedules do (deduplicated, in order)."""
     out: list[int] = []
     for b in sizes_at_224:
-        s = round_to_patch(final_size * b / REFERENCE_SIZE, patch)
+        s = scale_size(b, final_size, patch)
         if s not in out:
             out.append(s)
     return out
@@ -162,11 +159,8 @@ class Trainer:
         if sc.param_dtype != torch.float32:
             self.model = self.model.to(sc.param_dtype)
         self.model.train()
-        decay = [p for n, p in self.model.named_parameters() if p.ndim > 1 and "token" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim > 1 and "token" not in n)]
         kw = {"fused": True} if sc.fused else {}
-        groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
-        self.opt = torch.optim.AdamW(groups, lr=sc.lr, betas=(0.9, 0.95), **kw)
+        self.opt = torch.optim.AdamW(mae_param_groups(self.model, 0.05), lr=sc.lr, betas=(0.9, 0.95), **kw)
         self.scaler = torch.amp.GradScaler(dev.type) if sc.grad_scaler else None
         self.fn: Callable = self.model
         if sc.compile:
@@ -201,6 +195,50 @@ class Trainer:
         else:
             self.loss_sum += loss.detach().float()
         return loss
+
+
+class EngineTrainer:
+    """The engine's own MAE step, :meth:`PretrainRun.train_step` through DeepSpeed (fp32 or bf16, one process),
+    for timing: a real run is set up on a small procedural shard folder, then ``step(x_u8, size)`` runs the step
+    at curriculum size ``size`` on a uint8 batch at the final size (normalise -> Fourier crop -> MAE ->
+    the ranks' agreement -> backward/step), as in training."""
+
+    def __init__(self, model_cfg: dict[str, Any], batch: int, workdir: Path, precision: str = "auto",
+                 compile: bool = False):
+        from mae_curriculum.config import PretrainConfig, load_config
+        from mae_curriculum.data.synthetic import make_synthetic_dataset
+        from mae_curriculum.engine import dist as D
+        from mae_curriculum.engine.pretrain import MicroBatch, PretrainRun
+
+        size = model_cfg["img_size"]
+        data = make_synthetic_dataset(Path(workdir) / "data", train_size=2 * batch, val_size=8, size=size,
+                                      samples_per_shard=2 * batch)
+        over = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in model_cfg.items()]
+        over += [f"output_dir={Path(workdir) / 'run'}", f"data.train_shards={data / 'train'}",
+                 f"data.val_shards={data / 'val'}", f"train.batch_size={batch}", "data.num_workers=0",
+                 "log.progress_bar=false", "checkpoint.every_minutes=0", f"train.precision={precision}",
+                 f"train.compile={str(compile).lower()}", "log.vis_every_epochs=0"]
+        cfg = load_config(PretrainConfig, ROOT / "configs" / "demo.yaml", over)
+        D.setup_rank_env()
+        D.init_distributed()
+        self.run = PretrainRun(cfg, resume="none")
+        self.run.setup()
+        self.batch, self._MicroBatch, self._k = batch, MicroBatch, 0
+        self.model = self.run.engine.module
+        self.loss_sum = torch.zeros((), device=self.run.dev)
+
+    def step(self, x_u8: torch.Tensor, size: int) -> torch.Tensor:
+        import dataclasses
+
+        self._k += 1
+        stage = dataclasses.replace(self.run.schedule.stages[-1], size=size)
+        mb = self._MicroBatch(x_u8, torch.arange(x_u8.shape[0]), 0, [(0, self._k)])
+        res = self.run.train_step(mb, stage)
+        self.loss_sum += res.loss.float()
+        return res.loss
+
+    def close(self) -> None:
+        self.run.close()
 
 
 def time_steps(fn: Callable[[], Any], dev: torch.device, warmup: int, iters: int, repeats: int) -> dict[str, float]:

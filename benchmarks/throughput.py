@@ -9,6 +9,9 @@ device, for two ways of running the same MAE:
   ``F.scaled_dot_product_attention`` (checked: ``fused_attn`` on every block), one ``torch.compile(model,
   dynamic=False)`` object for the run: each new B compiles once (counted with ``torch._dynamo`` counters:
   graphs compiled and the first step's time, per stage), AdamW(fused=True), no ``.item()`` per step.
+* ``engine``: the trainer's own step, ``PretrainRun.train_step`` through DeepSpeed (uint8 batch at the final size
+  -> normalise -> Fourier crop to B -> MAE -> the ranks' one collective -> backward/step), micro-batch fixed at
+  ``--batch-at-224`` (the engine without micro-batch growth), precision ``auto``, eager.
 * ``baseline``: the MAE paper's code path: fp32 parameters + autocast (fp16 with GradScaler on CUDA, bf16 on
   the CPU), no compile, default (foreach) AdamW, ``loss.item()`` + finiteness check after every step.
 
@@ -46,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sizes", default="96,160,192,224", help="sizes at a 224 final size; scaled to the final size")
     p.add_argument("--batch-at-224", type=int, default=None,
                    help="micro-batch at the final size (scaled by (final/B)^2); default 256 on CUDA, 64 on CPU")
-    p.add_argument("--modes", default="optimized,baseline", help="comma-separated: optimized, baseline")
+    p.add_argument("--modes", default="engine,optimized,baseline", help="comma-separated: engine, optimized, baseline")
     p.add_argument("--opt-dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="optimized path's parameter dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--baseline-autocast", choices=("auto", "fp16", "bf16", "none"), default="auto",
@@ -95,7 +98,7 @@ def mode_config(mode: str, a, dev: torch.device) -> StepConfig:
         ac = a.baseline_autocast if a.baseline_autocast != "auto" else ("fp16" if cuda else "bf16")
         return StepConfig(param_dtype=torch.float32, autocast=None if ac == "none" else dtype_from_name(ac),
                           grad_scaler=ac == "fp16", fused=False, item_per_step=True)
-    raise SystemExit(f"unknown mode {mode!r} (optimized, baseline)")
+    raise SystemExit(f"unknown mode {mode!r} (engine, optimized, baseline)")
 
 
 def describe(sc: StepConfig) -> str:
@@ -108,7 +111,50 @@ def describe(sc: StepConfig) -> str:
     return ", ".join(parts)
 
 
+def run_engine_mode(a, cfg: dict, sizes: list[int], dev: torch.device) -> tuple[list[dict], dict]:
+    import tempfile
+
+    from common import EngineTrainer
+
+    final = cfg["img_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = EngineTrainer(cfg, a.batch_at_224, Path(tmp))
+        info = {"mode": "engine", "description": "PretrainRun.train_step (DeepSpeed, precision auto, eager)",
+                "sdpa": fused_attention_report(tr.model)}
+        x = torch.randint(0, 256, (a.batch_at_224, 3, final, final), dtype=torch.uint8)
+        rows = []
+        for b in sizes:
+            t = time_steps(lambda: tr.step(x, b), dev, a.warmup, a.iters, a.repeats)
+            f = flops_per_image(cfg, b)
+            step_s = t[f"{a.stat}_s"]
+            ips = a.batch_at_224 / step_s
+            rows.append({"mode": "engine", "size": b, "batch": a.batch_at_224, "step_s": step_s, "step_ms": step_s * 1e3,
+                         "stat": a.stat, "step_median_s": t["median_s"], "step_min_s": t["min_s"],
+                         "blocks_s": t["blocks_s"], "first_step_s": t["first_call_s"], "images_per_s": ips,
+                         "flops_per_image": f, "gflops_per_image": f / 1e9, "achieved_tflops": ips * f / 1e12,
+                         "achieved_gflops": ips * f / 1e9,
+                         "mfu": (ips * f / 1e12 / a.peak_tflops) if dev.type == "cuda" else None,
+                         "graphs_compiled": 0, "graph_breaks": 0})
+        sync(dev)
+        info["loss_finite"] = bool(torch.isfinite(tr.loss_sum).item())
+        tr.close()
+    _scaling(rows, final)
+    info["recompiles_total"] = 0
+    return rows, info
+
+
+def _scaling(rows: list[dict], final: int) -> None:
+    ref = next((r for r in rows if r["size"] == final), None)
+    for r in rows:
+        ref_rate = ref["images_per_s"] * ref["flops_per_image"] if ref else None
+        r["scaling"] = r["images_per_s"] * r["flops_per_image"] / ref_rate if ref else None
+        r["ideal_images_per_s"] = ref["images_per_s"] * ref["flops_per_image"] / r["flops_per_image"] if ref else None
+        r["within_15pct"] = (abs(r["scaling"] - 1.0) <= 0.15) if ref else None
+
+
 def run_mode(mode: str, a, cfg: dict, sizes: list[int], dev: torch.device) -> tuple[list[dict], dict]:
+    if mode == "engine":
+        return run_engine_mode(a, cfg, sizes, dev)
     sc = mode_config(mode, a, dev)
     tr = Trainer(cfg, dev, sc)
     info = {"mode": mode, "description": describe(sc), "sdpa": fused_attention_report(tr.model)}
@@ -145,12 +191,7 @@ def run_mode(mode: str, a, cfg: dict, sizes: list[int], dev: torch.device) -> tu
     sync(dev)
     check = tr.last_item if sc.item_per_step else tr.loss_sum.item()  # one sync at the end
     info["loss_finite"] = bool(torch.isfinite(torch.tensor(check)))
-    ref = next((r for r in rows if r["size"] == final), None)
-    for r in rows:
-        ref_rate = ref["images_per_s"] * ref["flops_per_image"] if ref else None
-        r["scaling"] = r["images_per_s"] * r["flops_per_image"] / ref_rate if ref else None
-        r["ideal_images_per_s"] = ref["images_per_s"] * ref["flops_per_image"] / r["flops_per_image"] if ref else None
-        r["within_15pct"] = (abs(r["scaling"] - 1.0) <= 0.15) if ref else None
+    _scaling(rows, final)
     info["recompiles_total"] = sum(r["graphs_compiled"] for r in rows)
     del tr
     if dev.type == "cuda":

@@ -1,8 +1,12 @@
 """Typed configuration of ``finetune.py``: MAE fine-tuning, linear probing, supervised training (+ curriculum).
 
 Reuses the sections of :mod:`mae_curriculum.config` where they mean the same thing (data, curriculum, train,
-checkpoint, log) and adds the fine-tuning ones. Loaded with ``load_config(FinetuneConfig, path, overrides)``;
-every problem is a one-line :class:`~mae_curriculum.config.ConfigError` (exit status 2).
+checkpoint, log) and adds the fine-tuning ones. The shared sections are the base classes without the
+pre-training-only keys (``data.synthetic_*``, ``log.vis_*``, ``curriculum.grow_micro_batch`` live in the
+``Pretrain*`` subclasses), so a fine-tune config that sets one fails with the usual ``unknown key`` line.
+Loaded with ``load_config(FinetuneConfig, path, overrides)``; every problem is a one-line
+:class:`~mae_curriculum.config.ConfigError` (exit status 2), and the values get the same bounds as in
+pre-training (batch size, workers, shuffle buffer, image size, ``output_dir``, ...).
 
 Modes:
 
@@ -24,10 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mae_curriculum.config import (CheckpointConfig, ConfigError, CurriculumConfig, DataConfig, LogConfig,
-                                   OptimConfig, TrainConfig, check_shards_path, register_validator,
-                                   validate_checkpoint, validate_curriculum, validate_data, validate_optim,
-                                   validate_train)
+from mae_curriculum.config import (MAX_BATCH, MAX_DEPTH, MAX_IN_CHANS, CheckpointConfig, ConfigError,
+                                   CurriculumConfig, DataConfig, LogConfig, OptimConfig, TrainConfig, check_heads,
+                                   check_image_grid, check_output_dir_rule, check_path_text, check_shards_path,
+                                   register_validator, validate_checkpoint, validate_curriculum, validate_data,
+                                   validate_log, validate_optim, validate_train)
+
+MAX_CLASSES = 1_000_000
+
+Mode = Literal["finetune", "linprobe", "supervised"]
+GlobalPool = Literal["avg", "token"]
+CropMode = Literal["random", "center"]
+OptimizerName = Literal["adamw", "lars", "sgd"]
 
 
 @dataclass
@@ -41,7 +53,7 @@ class FTModelConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     num_classes: int = 0  # 0 = from the train shards' _info.json
-    global_pool: Literal["avg", "token"] = "avg"  # "vit" only: avg + fc_norm (MAE fine-tune) | cls token + norm
+    global_pool: GlobalPool = "avg"  # "vit" only: avg + fc_norm (MAE fine-tune) | cls token + norm
     drop_path: float = 0.1
     head_init_std: float = 2e-5  # MAE fine-tune; linear probe uses 0.01
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (img_size, strict_img_size, ...)
@@ -56,7 +68,7 @@ class PretrainedConfig:
 
 @dataclass
 class AugmentSection:
-    crop: Literal["random", "center"] = "random"  # RandomResizedCrop (data.crop_scale_*) + flip, or centre crop
+    crop: CropMode = "random"  # RandomResizedCrop (data.crop_scale_*) + flip, or centre crop
     randaug: bool = True  # RandAugment at the curriculum stage's magnitude (mstd below, inc1)
     randaug_mstd: float = 0.5
     mixup: float = 0.8  # mixup alpha (0 = off)
@@ -69,7 +81,7 @@ class AugmentSection:
 
 @dataclass
 class FTOptimConfig(OptimConfig):
-    name: Literal["adamw", "lars", "sgd"] = "adamw"
+    name: OptimizerName = "adamw"
     blr: float = 5e-4  # lr = blr * global batch / 256
     min_lr: float = 1e-6
     weight_decay: float = 0.05
@@ -109,7 +121,7 @@ class LinprobeConfig:
 @dataclass
 class FinetuneConfig:
     output_dir: str = "runs/finetune"
-    mode: Literal["finetune", "linprobe", "supervised"] = "finetune"
+    mode: Mode = "finetune"
     model: FTModelConfig = field(default_factory=FTModelConfig)
     finetune: PretrainedConfig = field(default_factory=PretrainedConfig)
     data: FTDataConfig = field(default_factory=FTDataConfig)
@@ -134,17 +146,18 @@ def uses_mixup(cfg: FinetuneConfig) -> bool:
 
 
 def validate_finetune(cfg: FinetuneConfig) -> None:
-    _check(cfg.output_dir != "", "output_dir must be set")
+    check_output_dir_rule(cfg.output_dir)
     m, a, o = cfg.model, cfg.augment, cfg.optim
     _check(m.name != "", "model.name must be set ('vit' or a timm model name)")
-    _check(m.patch_size > 0 and m.img_size > 0 and m.img_size % m.patch_size == 0,
-           f"model.img_size ({m.img_size}) must be a positive multiple of model.patch_size ({m.patch_size})")
+    check_image_grid("model", m.img_size, m.patch_size, tokens=m.name == "vit")
+    _check(1 <= m.in_chans <= MAX_IN_CHANS, f"model.in_chans must be in [1, {MAX_IN_CHANS}]; got {m.in_chans}")
     if m.name == "vit":
-        _check(m.depth > 0 and m.embed_dim > 0 and m.num_heads > 0 and m.embed_dim % m.num_heads == 0,
-               f"model.embed_dim ({m.embed_dim}) must be divisible by model.num_heads ({m.num_heads}), depth > 0")
+        _check(1 <= m.depth <= MAX_DEPTH, f"model.depth must be in [1, {MAX_DEPTH}]; got {m.depth}")
+        check_heads("model", "embed_dim", m.embed_dim, "num_heads", m.num_heads)
+        _check(0 < m.mlp_ratio <= 64, f"model.mlp_ratio must be in (0, 64]; got {m.mlp_ratio}")
     elif cfg.mode != "supervised":
         raise ConfigError(f"mode {cfg.mode} loads an MAE encoder: model.name must be 'vit' (got {m.name!r})")
-    _check(m.num_classes >= 0, f"model.num_classes must be >= 0; got {m.num_classes}")
+    _check(0 <= m.num_classes <= MAX_CLASSES, f"model.num_classes must be in [0, {MAX_CLASSES}]; got {m.num_classes}")
     _check(0 <= m.drop_path < 1, f"model.drop_path must be in [0, 1); got {m.drop_path}")
     _check(m.head_init_std > 0, f"model.head_init_std must be > 0; got {m.head_init_std}")
     if cfg.mode == "supervised":
@@ -153,6 +166,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     else:
         p = cfg.finetune.pretrained
         _check(p != "", f"finetune.pretrained must be set for mode {cfg.mode} (an export folder, checkpoint or .pth)")
+        check_path_text(p, "finetune.pretrained")
         _check(Path(p).exists(), f"finetune.pretrained: not found: {p}")
     for k in ("mixup", "cutmix"):
         _check(getattr(a, k) >= 0, f"augment.{k} must be >= 0; got {getattr(a, k)}")
@@ -167,12 +181,14 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     _check(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1); got {o.momentum}")
     validate_train(cfg.train)
     _check(not cfg.train.compile, "train.compile is not supported by finetune.py")
-    validate_data(cfg.data)
+    validate_data(cfg.data, m.in_chans)
     check_shards_path(cfg.data)
     _check(cfg.data.val_shards != "", "data.val_shards must be set (top-1/top-5 are measured on it)")
     validate_checkpoint(cfg.checkpoint)
+    validate_log(cfg.log)
     validate_curriculum(cfg.curriculum, m.img_size, m.patch_size)
-    _check(cfg.eval.batch_size >= 0, f"eval.batch_size must be >= 0; got {cfg.eval.batch_size}")
+    _check(0 <= cfg.eval.batch_size <= MAX_BATCH,
+           f"eval.batch_size must be in [0, {MAX_BATCH}] (0 = train.batch_size); got {cfg.eval.batch_size}")
     _check(cfg.eval.every_epochs >= 1, f"eval.every_epochs must be >= 1; got {cfg.eval.every_epochs}")
     _check(0 < cfg.ema.decay < 1, f"ema.decay must be in (0, 1); got {cfg.ema.decay}")
     if cfg.mode == "linprobe":

@@ -38,6 +38,14 @@ def pretrain_cmd(out: Path, data: Path, *overrides: str, launcher: list[str] | N
             *overrides]
 
 
+def fault_cmd(cmd: list[str], *faults: str) -> list[str]:
+    """``cmd`` (from :func:`pretrain_cmd`) run through tests/fault_run.py with fault-injection hooks, e.g.
+    ``fault_cmd(pretrain_cmd(...), "--kill-at-step", "5")``."""
+    i = next(k for k, a in enumerate(cmd) if a.endswith("pretrain.py") or a.endswith("finetune.py"))
+    script = "pretrain" if cmd[i].endswith("pretrain.py") else "finetune"
+    return [*cmd[:i], str(ROOT / "tests" / "fault_run.py"), script, *faults, "--", *cmd[i + 1:]]
+
+
 def run(cmd: list[str], timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)

@@ -63,7 +63,8 @@ def test_curriculum_quick(tmp_path):
 def test_throughput_quick(tmp_path):
     res = _bench("throughput", tmp_path)
     _check_env(res)
-    assert res["benchmark"] == "throughput" and set(res["modes"]) == {"optimized", "baseline"}
+    assert res["benchmark"] == "throughput" and set(res["modes"]) == {"engine", "optimized", "baseline"}
+    assert res["modes"]["engine"]["loss_finite"]  # the trainer's own step, timed
     assert res["modes"]["optimized"]["sdpa"]["all_fused"] and res["modes"]["optimized"]["loss_finite"]
     assert res["modes"]["baseline"]["loss_finite"]
     final = res["model"]["img_size"]
@@ -91,3 +92,22 @@ def test_end_to_end_quick(tmp_path):
                   "loader_only_images_per_s", "gflops_per_image"):
             assert _positive(r[k]), (k, r)
         assert r["wait_s"] >= 0 and 0 <= r["wait_share"] < 1 and r["images"] == r["steps"] * r["batch"]
+
+
+def test_data_capacity_quick(tmp_path):
+    from test_stage_sized import woof_shards
+
+    shards = woof_shards(tmp_path / "shards", n=48)  # real imagewoof JPEGs (short side 320) when present
+    res = _bench("data_capacity", tmp_path, "--shards", str(shards))
+    _check_env(res)
+    assert res["benchmark"] == "data_capacity" and res["path"] == "stage_sized"
+    assert set(res["by_path"]) == {"exact", "stage_sized"}
+    assert [s["size"] for s in res["stages"]] == [96, 160, 224]  # vit_b, efficienttrain++
+    for s in res["stages"]:
+        for k in ("size", "demand_img_s", "per_core_img_s", "cores_needed"):
+            assert _positive(s[k]), (k, s)
+        assert s["cores_needed"] == pytest.approx(s["demand_img_s"] / s["per_core_img_s"])
+        assert s["size"] <= s["crop_size"] <= 224
+    assert sum(s["compute_share"] for s in res["stages"]) == pytest.approx(1.0)
+    assert [s["crop_size"] for s in res["by_path"]["exact"]["stages"]] == [224, 224, 224]
+    assert res["inflation"] >= 1.0 and _positive(res["inflation"])

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mae_curriculum.config import ConfigError, PretrainConfig, load_config
+from mae_curriculum.config_finetune import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,8 +19,15 @@ def shards_here(tmp_path):
 
 
 def test_shipped_configs_load(tmp_path):
-    for name in ("demo", "vit_b", "vit_l", "vit_h"):
-        cfg = load_config(PretrainConfig, ROOT / "configs" / f"{name}.yaml", shards_here(tmp_path))
+    names = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+    assert {"demo", "vit_b", "finetune_demo", "linprobe_vit_b", "supervised_demo"} <= set(names)
+    (tmp_path / "weights").mkdir()
+    for name in names:  # every shipped config, with the class its script loads it with
+        if name.startswith(("finetune", "linprobe", "supervised")):
+            pre = [f"finetune.pretrained={tmp_path / 'weights'}"] if not name.startswith("supervised") else []
+            cfg = load_config(FinetuneConfig, ROOT / "configs" / f"{name}.yaml", shards_here(tmp_path) + pre)
+        else:
+            cfg = load_config(PretrainConfig, ROOT / "configs" / f"{name}.yaml", shards_here(tmp_path))
         assert cfg.model.img_size % cfg.model.patch_size == 0
     with pytest.raises(ConfigError, match="data.train_shards: folder not found: data/imagenet/train"):
         load_config(PretrainConfig, ROOT / "configs" / "vit_b.yaml")
@@ -53,7 +61,8 @@ def test_overrides_apply_with_types():
     ("model.mask_ratio=1.0", "model.mask_ratio must be in [0, 1)"),
     ("model.img_size=100", "model.img_size (100) must be a positive multiple of model.patch_size (8)"),
     ("train.precision=fp8", "train.precision: must be one of"),
-    ("curriculum.schedule=nope", "curriculum:"),
+    ("curriculum.schedule=nope", "curriculum.schedule: must be one of constant, efficienttrain, efficienttrain++"),
+    ("curriculum.schedule=custom", "curriculum: custom stages are required"),
     ("data.train_shards=pipe:curl x", "no 'pipe:' commands"),
     ("train.epochs", "must look like key=value"),
 ])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import (ROOT, TWO_RANK, deepspeed_launcher, pretrain_cmd, read_json, run, scalars)
+from conftest import (ROOT, TWO_RANK, deepspeed_launcher, fault_cmd, pretrain_cmd, read_json, run, scalars)
 
 # deterministic CPU run with a curriculum (stage changes) and frequent checkpoints
 RESUME = ["train.epochs=2", "curriculum.schedule=efficienttrain++", "checkpoint.every_steps=4",
@@ -55,7 +55,7 @@ def test_kill9_then_resume_is_bitwise_identical(tmp_path, demo_data, reference):
     mid_epoch = rng.choice([s for s in range(5, final["step"] - 2) if s % 30 not in (0, 1) and s % 4 != 0])
     for kill_at in (mid_epoch, change + 1):
         out = tmp_path / f"kill{kill_at}"
-        r = run(pretrain_cmd(out, demo_data, *RESUME, f"faults.kill_at_step={kill_at}"))
+        r = run(fault_cmd(pretrain_cmd(out, demo_data, *RESUME), "--kill-at-step", str(kill_at)))
         assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
         assert not (out / "final.json").exists()
         r = run(pretrain_cmd(out, demo_data, *RESUME))
@@ -66,10 +66,36 @@ def test_kill9_then_resume_is_bitwise_identical(tmp_path, demo_data, reference):
         assert_same_weights(reference, out)
 
 
+# data.stage_sized_decode at 64 px (efficienttrain++ B = 24 / 48 / 64, the loader's S = 48 / 64 / 64) with two
+# loader batches per optimizer step: the size plan changes S mid-epoch, aligned to the accumulation windows
+STAGE_SIZED = [*RESUME, "model.img_size=64", "data.stage_sized_decode=true", "train.grad_accum=2"]
+
+
+@pytest.mark.slow
+def test_kill9_after_a_stage_sized_change_then_resume_is_bitwise_identical(tmp_path, demo_data):
+    ref = tmp_path / "ref"
+    r = run(pretrain_cmd(ref, demo_data, *STAGE_SIZED))
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = read_json(ref / "final.json")
+    change = stage_change_step(ref)  # B 24 -> 48 (mid-epoch): the loader's S 48 -> 64 from this step on
+    # resumed from the checkpoint before the change (the plan made at resume must change S) and from one after it
+    for kill_at in (change + 1, change + 4):
+        out = tmp_path / f"kill{kill_at}"
+        r = run(fault_cmd(pretrain_cmd(out, demo_data, *STAGE_SIZED), "--kill-at-step", str(kill_at)))
+        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+        r = run(pretrain_cmd(out, demo_data, *STAGE_SIZED))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "resumed from" in r.stderr
+        resumed = read_json(out / "final.json")
+        assert (resumed["step"], resumed["samples"], resumed["epoch"]) == (final["step"], final["samples"],
+                                                                           final["epoch"])
+        assert_same_weights(ref, out)
+
+
 @pytest.mark.slow
 def test_checkpoint_killed_while_saving_is_never_used(tmp_path, demo_data, reference):
     out = tmp_path / "killsave"
-    r = run(pretrain_cmd(out, demo_data, *RESUME, "faults.kill_during_save_at_step=8"))
+    r = run(fault_cmd(pretrain_cmd(out, demo_data, *RESUME), "--kill-during-save-at-step", "8"))
     assert r.returncode == -signal.SIGKILL
     assert (out / "checkpoints" / "step000000008").is_dir()
     assert not (out / "checkpoints" / "step000000008" / "complete.json").exists()
@@ -109,7 +135,7 @@ def test_sigterm_on_two_ranks_checkpoints_and_resumes_to_same_step(tmp_path, dem
 @pytest.mark.slow
 def test_single_nan_is_skipped_and_counted(tmp_path, demo_data):
     out = tmp_path / "nan1"
-    r = run(pretrain_cmd(out, demo_data, "train.max_steps=12", "faults.nan_at_micro_steps=[5]"))
+    r = run(fault_cmd(pretrain_cmd(out, demo_data, "train.max_steps=12"), "--nan-at-micro-steps", "5"))
     assert r.returncode == 0, r.stderr[-3000:]
     final = read_json(out / "final.json")
     assert final["nonfinite_skips"] == 1 and final["rollbacks"] == 0
@@ -120,19 +146,21 @@ def test_single_nan_is_skipped_and_counted(tmp_path, demo_data):
 @pytest.mark.slow
 def test_repeated_nans_roll_back_then_stop(tmp_path, demo_data):
     out = tmp_path / "nanroll"
-    r = run(pretrain_cmd(out, demo_data, "train.max_steps=20", "checkpoint.every_steps=4", "train.nan_skip_limit=3",
-                         "faults.nan_at_micro_steps=[10,11,12]"))
+    r = run(fault_cmd(pretrain_cmd(out, demo_data, "train.max_steps=20", "checkpoint.every_steps=4",
+                                   "train.nan_skip_limit=3"), "--nan-at-micro-steps", "10,11,12"))
     assert r.returncode == 3, r.stderr[-3000:]
     assert "rolling back to" in r.stderr and "step000000008" in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 3 consecutive non-finite losses again after rolling back")
     assert (out / "checkpoints" / "step000000008" / "complete.json").is_file()
+    assert read_json(out / "status.json")["status"] == "diverged"
 
 
 @pytest.mark.slow
 def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, demo_data):
     out = tmp_path / "full"
-    r = run(pretrain_cmd(out, demo_data, "train.max_steps=20", "checkpoint.every_steps=4", "faults.disk_full_at_step=8"))
+    r = run(fault_cmd(pretrain_cmd(out, demo_data, "train.max_steps=20", "checkpoint.every_steps=4"),
+                      "--disk-full-at-step", "8"))
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not write checkpoint") and "No space left on device" in last
@@ -155,6 +183,23 @@ def test_incompatible_checkpoint_is_refused(tmp_path, demo_data):
     assert r.returncode == 2 and "already holds checkpoints" in r.stderr
 
 
+@pytest.mark.slow
+def test_an_exception_in_a_loader_worker_ends_the_run_promptly_with_no_process_left(tmp_path, demo_data):
+    import psutil
+
+    out = tmp_path / "worker_error"
+    cmd = fault_cmd(pretrain_cmd(out, demo_data, "train.max_steps=50", "data.num_workers=2"),
+                    "--worker-error-after-samples", "40")
+    t0 = time.time()
+    r = run(cmd, timeout=240)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "injected worker failure" in r.stderr.strip().splitlines()[-1]
+    assert time.time() - t0 < 120  # startup included; the old code waited forever on a worker ignoring SIGTERM
+    time.sleep(1)
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+    assert left == [], f"processes left behind: {left}"
+
+
 MALFORMED = [
     ("unknown key", ["optim.blrr=1"], "error: unknown key 'optim.blrr'"),
     ("wrong type", ["train.batch_size=many"], "error: train.batch_size: expected an integer, got 'many'"),
@@ -166,6 +211,7 @@ MALFORMED = [
      "error: data.train_shards: folder not found: /nonexistent/shards"),
     ("mask ratio 1.0", ["model.mask_ratio=1.0"], "error: model.mask_ratio must be in [0, 1); got 1.0"),
     ("unwritable output", ["output_dir=/proc/mae_out"], "error: output_dir /proc/mae_out is not writable"),
+    ("fault injection is not a user setting", ["faults.kill_at_step=3"], "error: unknown key 'faults"),
 ]
 
 

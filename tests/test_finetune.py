@@ -14,7 +14,7 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 N_TRAIN, N_VAL = 3000, 1000
 # the tiny ViT shared by pre-training and the classifiers: 8x8 patches of 4 pixels
 VIT = ["model.img_size=32", "model.patch_size=4", "model.embed_dim=96", "model.depth=4", "model.num_heads=3"]
-COMMON = ["data.synthetic_if_missing=false", "data.num_workers=1", "data.shuffle_buffer=500", "log.progress_bar=false"]
+COMMON = ["data.num_workers=1", "data.shuffle_buffer=500", "log.progress_bar=false"]
 
 pytestmark = pytest.mark.skipif(not CIFAR.is_file(), reason=f"needs {CIFAR}")
 
@@ -183,3 +183,25 @@ def test_resume_across_a_stage_change_restores_the_resized_pos_embed_and_moments
     assert state["module"]["pos_embed"].shape == (1, 1 + 6 * 6, 96)
     moments = [s for s in state["optimizer"]["state"].values() if s["exp_avg"].shape == (1, 37, 96)]
     assert len(moments) == 1 and (moments[0]["exp_avg_sq"] >= 0).all()
+
+
+@pytest.mark.slow
+def test_nonfinite_losses_follow_the_pretraining_policy(tmp_path, cifar):
+    """Fine-tuning skips a non-finite step, rolls back after train.nan_skip_limit in a row, and stops with exit 3
+    when it happens again from the same checkpoint: the same policy (engine/nonfinite.py) as pre-training."""
+    from conftest import fault_cmd
+
+    args = ("train.max_steps=20", "checkpoint.every_steps=4", "train.nan_skip_limit=3", "curriculum.schedule=constant",
+            "eval.every_epochs=100")
+    out = tmp_path / "nan1"
+    r = run(fault_cmd(finetune_cmd("supervised_demo.yaml", out, cifar, *args), "--nan-at-micro-steps", "5"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = read_json(out / "final.json")
+    assert final["nonfinite_skips"] == 1 and final["rollbacks"] == 0 and final["steps"] == 20
+    out = tmp_path / "nanroll"
+    r = run(fault_cmd(finetune_cmd("supervised_demo.yaml", out, cifar, *args), "--nan-at-micro-steps", "10,11,12"))
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "rolling back to" in r.stderr and "step000000008" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: 3 consecutive non-finite losses again after rolling back")
+    status = read_json(out / "ranks" / "rank0.json")  # per-rank status, as in pre-training
+    assert status["status"] == "diverged" and status["step"] >= 8

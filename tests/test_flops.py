@@ -1,4 +1,4 @@
-"""FLOP counts: analytic MAE numbers against REFERENCE.md and against torch's FlopCounterMode."""
+"""FLOP counts: analytic MAE numbers against published figures and against torch's FlopCounterMode."""
 
 from __future__ import annotations
 

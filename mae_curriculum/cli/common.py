@@ -1,7 +1,6 @@
 """Shared command-line handling: ``--config X.yaml [--resume R] [key=value ...]``, one-line errors, exit codes.
 
-Exit status: 0 finished, 2 configuration/data/usage error, 3 diverged (non-finite losses after a rollback),
-75 preempted after writing a checkpoint (requeue and resume), 1 other run-time failure.
+Exit statuses are listed in :mod:`mae_curriculum.engine.errors`.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import os
 import sys
 from typing import Callable
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # = engine.errors.EXIT_USAGE (usage errors are caught before the engine is imported)
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -35,36 +34,26 @@ def fail(msg: str, code: int = EXIT_USAGE) -> int:
 
 def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
             argv: list[str] | None = None) -> int:
-    """Parse args, run ``main``, and turn known user-facing errors into one line + exit status."""
-    from mae_curriculum.config import ConfigError
-    from mae_curriculum.data.index import DataError
-
+    """Parse args, run ``main``, and turn the errors a user can act on into one line + exit status
+    (:mod:`mae_curriculum.engine.errors`); anything else is a bug and keeps its traceback."""
     args = parser.parse_args(argv)
     for o in args.overrides:
         if "=" not in o:
             return fail(f"unexpected argument '{o}': overrides look like key=value")
+    from mae_curriculum.engine import dist as D
+    from mae_curriculum.engine.errors import EXIT_FAILED, user_error_code
+
     try:
         return main(args)
-    except ConfigError as e:
-        return fail(str(e))
-    except DataError as e:
-        return fail(str(e))
     except KeyboardInterrupt:
         return fail("interrupted", 130)
     except Exception as e:
-        code = getattr(e, "code", None)
-        if type(e).__name__ in ("TrainingError", "CheckpointError") and isinstance(code, int):
+        code = user_error_code(e)
+        if code is not None:
             return fail(str(e), code)
-        if type(e).__name__ == "CheckpointError":
-            return fail(str(e), 1)
         logging.getLogger("mae_curriculum").exception("unexpected failure")
-        return fail(f"{type(e).__name__}: {e} (a bug? the traceback is above)", 1)
+        lines = str(e).strip().splitlines() or [""]  # e.g. a loader worker's error: the cause is on its last line
+        summary = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+        return fail(f"{type(e).__name__}: {summary} (a bug? the traceback is above)", EXIT_FAILED)
     finally:
-        import gc
-
-        from mae_curriculum.engine import dist as D
-
-        # drop a failed run's DataLoader now: its persistent workers ignore SIGTERM (the main process owns
-        # preemption), so leaving them to interpreter shutdown can hang the exit
-        gc.collect()
         D.shutdown()

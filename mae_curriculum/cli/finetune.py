@@ -22,7 +22,7 @@ def _main(args: argparse.Namespace) -> int:
     from mae_curriculum.engine import dist as D
     from mae_curriculum.engine.finetune import run_finetune
     from mae_curriculum.engine.logging import setup_console
-    from mae_curriculum.engine.pretrain import check_output_dir
+    from mae_curriculum.engine.lifecycle import check_output_dir
 
     check_output_dir(Path(cfg.output_dir))
     D.setup_rank_env(args.local_rank)
@@ -34,14 +34,7 @@ def _main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser("finetune.py", "MAE fine-tuning / linear probing / supervised training with the "
                                          "EfficientTrain++ curriculum, on DeepSpeed")
-    rc = run_cli(_main, parser, argv)
-    # A failed run leaves its frames (and the loader's persistent workers, which ignore SIGTERM) in a reference
-    # cycle with the traceback; collect it now so the workers are shut down before interpreter exit, where
-    # multiprocessing would SIGTERM them and wait forever.
-    import gc
-
-    gc.collect()
-    return rc
+    return run_cli(_main, parser, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ def _main(args: argparse.Namespace) -> int:
 
     from mae_curriculum.engine import dist as D
     from mae_curriculum.engine.logging import setup_console
-    from mae_curriculum.engine.pretrain import check_output_dir, run_pretrain
+    from mae_curriculum.engine.lifecycle import check_output_dir
+    from mae_curriculum.engine.pretrain import run_pretrain
 
     check_output_dir(Path(cfg.output_dir))  # before any process group: a bad folder fails in a second
 

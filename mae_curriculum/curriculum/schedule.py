@@ -100,7 +100,7 @@ def _round_to_patch(value: float, patch_size: int) -> int:
     return max(patch_size, math.floor(value / patch_size + 0.5) * patch_size)
 
 
-def _scale(size: int, final_size: int, patch_size: int) -> int:
+def scale_size(size: int, final_size: int, patch_size: int) -> int:
     """Scale a size given for a 224 final size to ``final_size``."""
     return _round_to_patch(final_size * size / _REFERENCE_SIZE, patch_size)
 
@@ -129,7 +129,7 @@ def _check_sizes(stages: Sequence[Stage], final_size: int, patch_size: int) -> N
 
 
 def _efficienttrain(final_size: int, patch_size: int, max_magnitude: float) -> Schedule:
-    low = _scale(160, final_size, patch_size)
+    low = scale_size(160, final_size, patch_size)
     mid = _round_to_patch((low + final_size) / 2, patch_size)
     sizes = (low, low, low, mid, final_size)
     magnitudes = [max_magnitude * m / 9 for m in (1, 3, 5, 7, 9)]
@@ -200,7 +200,7 @@ def build_schedule(
     elif name == "efficienttrain":
         schedule = _efficienttrain(final_size, patch_size, max_magnitude)
     elif name in _ET_PLUS_PLUS_SIZES:
-        sizes = [_scale(b, final_size, patch_size) for b in _ET_PLUS_PLUS_SIZES[name]]
+        sizes = [scale_size(b, final_size, patch_size) for b in _ET_PLUS_PLUS_SIZES[name]]
         schedule = _ten_stage(name, sizes, max_magnitude, final_size)
     elif name == "linear":
         schedule = _ten_stage(name, _linear_sizes(final_size, patch_size), max_magnitude, final_size)
@@ -226,3 +226,11 @@ def epochs_per_stage(schedule: Schedule, epochs: float, flops_fn: Callable[[int]
             image_epochs *= flops_fn(schedule.reference_size) / flops_fn(stage.size)
         out.append(image_epochs)
     return out
+
+
+def schedule_for(curriculum: Any, final_size: int, patch_size: int) -> Schedule:
+    """The schedule a config's ``curriculum`` section describes (``schedule``, ``stages``, ``accounting``,
+    ``max_magnitude``) for a model of ``final_size`` / ``patch_size``: the one place configs become schedules."""
+    extra = {"accounting": curriculum.accounting} if curriculum.schedule == "custom" else {}
+    return build_schedule(curriculum.schedule, final_size=final_size, patch_size=patch_size,
+                          max_magnitude=curriculum.max_magnitude, custom=curriculum.stages or None, **extra)

@@ -3,8 +3,9 @@
 The split's ids ``0..N-1`` are cut into ``world`` contiguous chunks of ``ceil(N / world)`` (the last ones may be
 shorter or empty); every rank runs the same number of batches, ``ceil(ceil(N / world) / batch)``, all of full
 size: entries past the end of a rank's chunk are padding (zero image, label -1, ``valid`` 0). A sample whose
-image cannot be decoded is also returned with ``valid`` 0 and counted in ``unreadable``, never replaced by
-another sample (that would count it twice). Equal batch counts keep collective-using models (ZeRO-3) in step.
+image cannot be decoded, or whose label is missing, unparsable or outside ``[0, num_classes)``, is also returned
+with ``valid`` 0 and label -1 and counted in ``unreadable``, never replaced by another sample (that would count it
+twice), never scored as a miss. Equal batch counts keep collective-using models (ZeRO-3) in step.
 
 Batches are dicts ``{image uint8 (B,3,S,S), label int64, id int64, valid bool, unreadable int64}``, made inside
 the workers (the DataLoader's ``batch_size=None``); each worker reads a contiguous run of batches, so every shard
@@ -20,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mae_curriculum.data.index import ShardIndex
-from mae_curriculum.data.loader import decode_label, image_bytes, read_raw
+from mae_curriculum.data.loader import (MAX_MEMBER_BYTES, ClosableLoader, decode_label, exit_if_orphaned, image_bytes,
+                                        read_raw, worker_init_fn)
 from mae_curriculum.data.transforms import AugmentConfig, SampleTransform
 
 
@@ -36,8 +38,10 @@ def eval_steps(num_samples: int, world: int, batch: int) -> int:
 
 
 class EvalStream(IterableDataset):
-    def __init__(self, index: ShardIndex, batch: int, world: int, rank: int, size: int):
+    def __init__(self, index: ShardIndex, batch: int, world: int, rank: int, size: int, num_classes: int = 0,
+                 max_pixels: int = 0, max_member_bytes: int = MAX_MEMBER_BYTES):
         self.index, self.batch, self.world, self.rank, self.size = index, batch, world, rank, size
+        self.num_classes, self.max_pixels, self.max_member_bytes = num_classes, max_pixels, max_member_bytes
 
     def __iter__(self):
         info = get_worker_info()
@@ -46,8 +50,8 @@ class EvalStream(IterableDataset):
         steps = eval_steps(self.index.num_samples, self.world, self.batch)
         # worker w makes a contiguous run of batches, so each shard is read once, sequentially
         first, last = steps * worker // nw, steps * (worker + 1) // nw
-        transform = SampleTransform(AugmentConfig(size=self.size, train=False))
-        raw = read_raw(self.index, ids[first * self.batch: last * self.batch], lambda e: None)
+        transform = SampleTransform(AugmentConfig(size=self.size, train=False), self.max_pixels)
+        raw = read_raw(self.index, ids[first * self.batch: last * self.batch], lambda e: None, self.max_member_bytes)
         for _ in range(first, last):
             images = torch.zeros(self.batch, 3, self.size, self.size, dtype=torch.uint8)
             labels = torch.full((self.batch,), -1, dtype=torch.int64)
@@ -59,12 +63,14 @@ class EvalStream(IterableDataset):
                 if item is None:
                     break  # padding: past the end of this rank's chunk
                 sids[j], sample = item
+                exit_if_orphaned()
                 data = image_bytes(sample)
                 try:
                     if data is None:
                         raise ValueError("no image")
+                    label = decode_label(sample, self.num_classes)
                     images[j] = transform(data)
-                    labels[j] = decode_label(sample)
+                    labels[j] = label
                     valid[j] = True
                 except Exception:
                     unreadable += 1
@@ -72,22 +78,32 @@ class EvalStream(IterableDataset):
                    "unreadable": torch.tensor(unreadable)}
 
 
-class EvalLoader:
-    """Iterate over this rank's share of a split (see the module docstring); re-iterable."""
+class EvalLoader(ClosableLoader):
+    """Iterate over this rank's share of a split (see the module docstring); re-iterable. ``num_classes``: labels
+    must lie in ``[0, num_classes)`` (None: the index's ``num_classes``; 0: any label >= 0); ``max_pixels`` and
+    ``max_member_bytes`` as in :class:`~mae_curriculum.data.loader.StreamSpec`. ``close()`` ends the workers
+    (also done on an error while iterating, at garbage collection and at exit)."""
 
-    def __init__(self, index: ShardIndex, batch: int, world: int, rank: int, size: int, num_workers: int = 0):
+    def __init__(self, index: ShardIndex, batch: int, world: int, rank: int, size: int, num_workers: int = 0, *,
+                 num_classes: int | None = None, max_pixels: int = 0, max_member_bytes: int = MAX_MEMBER_BYTES):
         self.index = index
         self.steps = eval_steps(index.num_samples, world, batch)
         workers = max(0, min(num_workers, self.steps))
-        kw = dict(persistent_workers=True) if workers > 0 else {}
-        self.loader = DataLoader(EvalStream(index, batch, world, rank, size), batch_size=None,
-                                 num_workers=workers, **kw)
+        kw = dict(persistent_workers=True, worker_init_fn=worker_init_fn()) if workers > 0 else {}
+        classes = index.num_classes if num_classes is None else num_classes
+        stream = EvalStream(index, batch, world, rank, size, classes, max_pixels, max_member_bytes)
+        self.loader = DataLoader(stream, batch_size=None, num_workers=workers, **kw)
+        self._track()
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
-        return iter(self.loader)
+        try:
+            yield from self.loader
+        except Exception:  # e.g. re-raised from a worker: no worker outlives it
+            self.close()
+            raise
 
 
 __all__ = ["EvalLoader", "EvalStream", "rank_chunk", "eval_steps"]

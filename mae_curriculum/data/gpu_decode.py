@@ -34,8 +34,8 @@ import torch
 
 from contextlib import nullcontext
 
-from mae_curriculum.data.transforms import (AugmentConfig, CropParams, SampleTransform, decode_jpeg, one_thread,
-                                            open_image, resized_crop)
+from mae_curriculum.data.transforms import (AugmentConfig, CropParams, SampleTransform, auto_max_pixels, decode_jpeg,
+                                            one_thread, open_image, resized_crop)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def encode_sample(data: bytes, transform: SampleTransform) -> dict:
     """Worker side of one sample (call after ``seed_sample``): ``{"jpeg": bytes, "params": CropParams}`` for an
     RGB / greyscale JPEG and no RandAugment, else ``{"image": uint8 (3, S, S)}`` decoded here on the CPU.
     Raises (like ``SampleTransform``) when the header cannot be read."""
-    img = open_image(data)
+    img = open_image(data, transform.max_pixels)
     p = transform.params(img)
     if transform.randaugment or img.format != "JPEG" or img.mode not in ("RGB", "L"):
         return {"image": transform.apply(img, data, p)}
@@ -151,23 +151,32 @@ class BatchDecoder:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = torch.device(device)
         self.size = size
-        self._cpu = SampleTransform(AugmentConfig(size=size))  # fallback decode with given params (no RNG)
+        self._cpus: dict[int, SampleTransform] = {}  # fallback decode with given params (no RNG), per output size
+        self._cpu = self._cpu_at(size)
         self.num_fallback = 0  # JPEGs the device failed on but the CPU decoded
         self.num_corrupt = 0  # JPEGs neither could decode (replaced, counted in the batch's ``corrupt``)
 
-    def _cpu_decode(self, data: torch.Tensor, p: CropParams) -> torch.Tensor | None:
+    def _cpu_at(self, size: int) -> SampleTransform:
+        if size not in self._cpus:  # the decompression-bomb bound stays the final size's
+            self._cpus[size] = SampleTransform(AugmentConfig(size=size), max_pixels=auto_max_pixels(self.size))
+        return self._cpus[size]
+
+    def _cpu_decode(self, data: torch.Tensor, p: CropParams, size: int | None = None) -> torch.Tensor | None:
         raw = data.numpy().tobytes()
+        cpu = self._cpu_at(size or self.size)
         try:
             with one_thread():
-                return self._cpu.apply(open_image(raw), raw, p)
+                return cpu.apply(open_image(raw, cpu.max_pixels), raw, p)
         except Exception as e:  # noqa: BLE001 - a corrupt sample must never stop training
             log.debug("corrupt JPEG in GPU decode: %s", e)
             return None
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict, size: int | None = None) -> dict:
+        """``size``: the output size of this batch (the loader's size plan; default the final size)."""
         n = len(batch["id"])
+        size = size or self.size
         label, ids, corrupt = batch["label"].clone(), batch["id"].clone(), batch["corrupt"].clone()
-        image = torch.empty((n, 3, self.size, self.size), dtype=torch.uint8, device=self.device)
+        image = torch.empty((n, 3, size, size), dtype=torch.uint8, device=self.device)
         cpu_index = batch["cpu_index"]
         if len(cpu_index):
             image[cpu_index.to(self.device)] = batch["cpu_images"].to(self.device, non_blocking=True)
@@ -176,10 +185,10 @@ class BatchDecoder:
         if jpeg_index:
             datas = list(torch.split(batch["jpeg"], batch["jpeg_lengths"].tolist()))
             rows = [_as_params(r) for r in batch["params"].tolist()]
-            crops, failed = decode_crops(datas, rows, self.size, self.device)
+            crops, failed = decode_crops(datas, rows, size, self.device)
             image[torch.tensor(jpeg_index, device=self.device)] = crops
             for k in failed:
-                fixed = self._cpu_decode(datas[k], rows[k])
+                fixed = self._cpu_decode(datas[k], rows[k], size)
                 if fixed is None:
                     bad.append(jpeg_index[k])
                 else:

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
+
+from mae_curriculum.data.tarsafe import compression_of, members
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,11 @@ class ShardIndex:
         return np.searchsorted(np.cumsum(self.lengths), ids, side="right")
 
 
+MAX_SHARD_SAMPLES = 10_000_000  # per shard (a real one holds ~1e3-1e4); a sample takes >= 512 bytes of tar
+MAX_CLASSES = 1_000_000
+MAX_INFO_BYTES = 64 << 20  # _info.json of ImageNet: ~60 KB
+
+
 def _safe_member(root: Path, name: str) -> Path:
     p = (root / name).resolve()
     if root.resolve() not in p.parents:
@@ -52,34 +61,132 @@ def _safe_member(root: Path, name: str) -> Path:
     return p
 
 
+# --------------------------------------------------------------------------------------------------------------
+# samples inside a shard (WebDataset's grouping: consecutive members sharing a key)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    """(sample key, lower-cased suffix) of a member name, or None: the key runs to the first dot of the file name
+    (``a/b.seg.png`` -> ``("a/b", "seg.png")``), as in WebDataset."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, suffix = base.partition(".")
+    if not dot or not stem:
+        return None
+    return (f"{folder}/{stem}" if folder else stem), suffix.lower()
+
+
+def shard_samples(f: BinaryIO, size: int) -> Iterator[list[tarfile.TarInfo]]:
+    """The samples of an open local shard of ``size`` bytes, in file order, each as the list of its members
+    (regular files only). The position in this sequence is the sample's position in the shard. Raises
+    :class:`tarfile.TarError` where the rest of the shard cannot be read (truncated, a member that claims bytes
+    past the end, a compressed file, ...), after yielding the samples before that point."""
+    head = f.read(6)
+    f.seek(0)
+    kind = compression_of(head)
+    if kind is not None:
+        raise tarfile.ReadError(f"a {kind}-compressed file: shards must be plain (uncompressed) tars")
+    key, group = None, []
+    try:
+        for m in members(f, 0, size):
+            parts = split_name(m.name) if m.isreg() else None
+            if parts is None:
+                continue
+            if parts[0] != key and group:
+                yield group
+                group = []
+            key = parts[0]
+            group.append(m)
+    except tarfile.TarError:
+        if group:
+            yield group
+        raise
+    if group:
+        yield group
+
+
 def _count_samples(path: Path) -> int:
-    keys = set()
-    with tarfile.open(path, "r|*") as tf:
-        for m in tf:
-            if m.isfile() and "." in Path(m.name).name:
-                keys.add(m.name.split(".", 1)[0])
-    return len(keys)
+    n = 0
+    try:
+        with open(path, "rb") as f:
+            for _ in shard_samples(f, os.fstat(f.fileno()).st_size):
+                n += 1
+    except (OSError, tarfile.TarError) as e:
+        log.warning("shard %s: %s after %d samples: only those are counted", path, e, n)
+    return n
+
+
+# --------------------------------------------------------------------------------------------------------------
+# _info.json
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_info(info: object, root: Path, where: Path) -> tuple[tuple[str, ...], tuple[int, ...], int]:
+    """(filenames, shard_lengths, num_classes) of an _info.json, every value checked: DataError names the key."""
+    splits = info.get("splits") if isinstance(info, dict) else None
+    if not isinstance(splits, dict) or not splits:
+        raise DataError(f"{where}: no 'splits' object")
+    split = next(iter(splits.values()))
+    names, lengths = (split.get(k) if isinstance(split, dict) else None for k in ("filenames", "shard_lengths"))
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise DataError(f"{where}: 'filenames' must be a list of file names")
+    if not isinstance(lengths, list) or not all(_is_int(n) for n in lengths):
+        raise DataError(f"{where}: 'shard_lengths' must be a list of integers")
+    if len(names) != len(lengths):
+        raise DataError(f"{where}: filenames and shard_lengths differ in length ({len(names)} vs {len(lengths)})")
+    if len(set(names)) != len(names):
+        raise DataError(f"{where}: 'filenames' lists a shard twice")
+    for name, n in zip(names, lengths):
+        _check_length(root, name, n, where)
+    declared = split.get("num_samples", sum(lengths))
+    if declared != sum(lengths):
+        raise DataError(f"{where}: num_samples is {declared!r} but the shard_lengths add up to {sum(lengths)}")
+    num_classes = info.get("num_classes", 0) or 0
+    if not _is_int(num_classes) or not 0 <= num_classes <= MAX_CLASSES:
+        raise DataError(f"{where}: num_classes must be an integer in [0, {MAX_CLASSES}], got {num_classes!r}")
+    classes = info.get("classes")
+    if isinstance(classes, list) and classes and len(classes) != num_classes:
+        raise DataError(f"{where}: num_classes is {num_classes} but 'classes' lists {len(classes)} names")
+    return tuple(names), tuple(lengths), num_classes
+
+
+def _check_length(root: Path, name: str, n: int, where: Path) -> None:
+    """A shard's declared sample count: in [0, MAX_SHARD_SAMPLES] and, if the file exists, possible for its size
+    (a sample takes at least one 512-byte tar header)."""
+    path = _safe_member(root, name)
+    if not 0 <= n <= MAX_SHARD_SAMPLES:
+        raise DataError(f"{where}: shard_lengths of {name} is {n}, outside [0, {MAX_SHARD_SAMPLES}]")
+    size = path.stat().st_size if path.is_file() else None
+    if size is not None and n * tarfile.BLOCKSIZE > size:
+        raise DataError(f"{where}: shard_lengths of {name} is {n} but the file has {size} bytes, room for at "
+                        f"most {size // tarfile.BLOCKSIZE} samples (a wrong _info.json, or a truncated shard)")
+
+
+def _read_info(info_path: Path, root: Path) -> tuple[tuple[str, ...], tuple[int, ...], int]:
+    if info_path.stat().st_size > MAX_INFO_BYTES:
+        raise DataError(f"{info_path}: over {MAX_INFO_BYTES >> 20} MiB: not a shard index")
+    try:
+        info = json.loads(info_path.read_text())
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{info_path}: unreadable shard index ({type(e).__name__}: {e})") from None
+    return _parse_info(info, root, info_path)
 
 
 def load_index(folder: str | Path) -> ShardIndex:
-    """Read ``folder/_info.json`` (timm ReaderWds format, as written by write_shards); without one, scan the tars."""
+    """Read ``folder/_info.json`` (timm ReaderWds format, as written by write_shards); without one, scan the tars.
+
+    Every value of _info.json is checked (types, ranges, agreement, room in each shard file): a bad one raises
+    :class:`DataError` naming the key and the shard."""
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"shard folder not found: {root}")
     info_path = root / "_info.json"
     if info_path.is_file():
-        try:
-            info = json.loads(info_path.read_text())
-            split = next(iter(info["splits"].values()))
-            filenames = tuple(split["filenames"])
-            lengths = tuple(int(n) for n in split["shard_lengths"])
-        except (ValueError, KeyError, StopIteration, TypeError) as e:
-            raise DataError(f"{info_path}: unreadable shard index ({type(e).__name__}: {e})") from None
-        if len(filenames) != len(lengths):
-            raise DataError(f"{info_path}: filenames and shard_lengths differ in length")
-        for name in filenames:
-            _safe_member(root, name)
-        num_classes = int(info.get("num_classes", 0) or 0)
+        filenames, lengths, num_classes = _read_info(info_path, root)
     else:
         shards = sorted(p.name for p in root.glob("*.tar"))
         if not shards:

@@ -16,35 +16,78 @@ Augmentations are seeded per sample from (seed, epoch, sample id). A sample that
 and replaced by the worker's previous good sample (so batch sizes and step counts stay equal on every rank);
 a missing or truncated shard is logged and its samples are treated the same way.
 
+Stage-sized decode: :meth:`ShardLoader.start_epoch` may take ``sizes``, the output size S of every step of the
+epoch (a pure function of progress, computed by the engine: :func:`~mae_curriculum.engine.progress.step_sizes`).
+The plan sits in a shared-memory tensor the workers read; a sample's step is known from its position (plan
+worker w's b-th batch is step ``b * num_workers + w``), so each sample is cropped straight to its step's S (the
+same crop box and flip as at the final size: the box is drawn from the header only), with JPEG DCT scaling
+(PIL ``draft``) whenever the crop still covers S pixels at 1/2, 1/4 or 1/8 scale. The trainer's Fourier crop
+then takes S -> B. :func:`stage_crop_size` is the rule for S; 0 in the plan means the final size. With
+``decode="gpu"`` the main process crops each batch to its step's S on the device (full-size nvJPEG decode).
+
 Decode: ``StreamSpec.decode = "cpu"`` (default) decodes and augments in the workers; ``"gpu"`` makes the
 workers ship raw JPEG bytes + crop params (drawn from the header with the same per-sample seeds) and decodes
 each batch in the main process with nvJPEG (see :mod:`~mae_curriculum.data.gpu_decode`).
 
-Nothing is unpickled: only image members and ``.cls`` / ``.json`` are read; URLs and ``pipe:`` are refused
+Nothing is unpickled: only image members and ``.cls`` are read; URLs and ``pipe:`` are refused
 (``config.validate_data``), shards are plain local files.
+
+Hostile shards (see :mod:`~mae_curriculum.data.tarsafe`): shards are read in tarfile's seekable mode, a member
+that claims bytes past the end of its file ends that shard (the samples before it are kept), a member over
+``StreamSpec.max_member_bytes`` is not read (its sample counts as corrupt), compressed shards are refused, an
+image whose header declares more than ``max_pixels`` pixels is not decoded, the shuffle buffer holds at most
+``SHUFFLE_MAX_BYTES``. Labels: with ``require_labels`` (fine-tuning) a sample whose ``.cls`` is missing,
+unparsable or outside ``[0, num_classes)`` counts as corrupt; without it (pre-training) such a label becomes -1
+and never costs the image.
+
+Workers: they ignore SIGTERM / SIGUSR1 / SIGINT (the main process decides), die with their parent (Linux
+``PR_SET_PDEATHSIG``, plus a parent check per sample elsewhere), and :meth:`ShardLoader.close` (also called on
+an error while iterating, at garbage collection and at interpreter exit) ends them with SIGKILL.
 """
 
 from __future__ import annotations
 
-import json
+import atexit
+import ctypes
+import functools
 import logging
 import math
+import multiprocessing.util  # noqa: F401 - its exit hook must be registered before ours (atexit is LIFO)
+import os
+import re
+import signal
+import sys
 import tarfile
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from torch.utils.data._utils import signal_handling as _torch_signal_handling
 
 from mae_curriculum.data.gpu_decode import BatchDecoder, check_decode, encode_sample, make_collate
-from mae_curriculum.data.index import IMAGE_EXTS, ShardIndex
-from mae_curriculum.data.transforms import AugmentConfig, SampleTransform, seed_sample
+from mae_curriculum.data.index import IMAGE_EXTS, ShardIndex, shard_samples, split_name
+from mae_curriculum.data.transforms import AugmentConfig, SampleTransform, auto_max_pixels, seed_sample
 
 log = logging.getLogger(__name__)
 
-ALLOWED_SUFFIXES = set(IMAGE_EXTS) | {"cls", "json"}
+READ_SUFFIXES = frozenset(IMAGE_EXTS) | {"cls"}  # the only members ever read into memory
+MAX_MEMBER_BYTES = 32 << 20  # default bound on one member's bytes (real images: well under 10 MB)
+SHUFFLE_MAX_BYTES = 256 << 20  # raw bytes the shuffle buffer of one worker may hold
+# S >= STAGE_SIZE_RATIO * B: the smallest ratio whose B x B input stays >= 40 dB PSNR from the exact path (final-size
+# crop -> Fourier crop to B) on real ImageNet-style JPEGs (imagewoof, short side 320, B = 96, final 224: S = 144
+# 33.5 dB, 160 37.7 dB, 176 41.0 dB, 192 45.1 dB mean; worst image 25.2 / 32.7 / 36.0 / 40.2 dB).
+STAGE_SIZE_RATIO = 2.0
+
+
+def stage_crop_size(size: int, final_size: int, patch_size: int, ratio: float = STAGE_SIZE_RATIO) -> int:
+    """The size S the workers crop to at curriculum size B = ``size``: the smallest multiple of the patch
+    >= ``ratio`` * B, at most the final size (B itself if B >= the final size)."""
+    if size >= final_size:
+        return final_size
+    return min(final_size, max(size, math.ceil(ratio * size / patch_size) * patch_size))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -90,66 +133,123 @@ def consumed_by_worker(steps_done: int, num_workers: int, worker: int) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _select_member(name: str) -> bool:
-    base = name.rsplit("/", 1)[-1]
-    return "." in base and base.split(".", 1)[1].lower() in ALLOWED_SUFFIXES
-
-
-def read_raw(index: ShardIndex, ids: np.ndarray, on_error: Callable[[str], None]) -> Iterator[tuple[int, dict]]:
+def read_raw(index: ShardIndex, ids: np.ndarray, on_error: Callable[[str], None],
+             max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[int, dict]]:
     """Yield (id, {suffix: bytes}) for ``ids`` (must be in shard order, ascending within a shard); ids whose
-    sample cannot be read come out with an empty dict. Only allowed suffixes are ever read into memory."""
+    sample cannot be read come out with an empty dict. Only image members and ``.cls`` are ever read, each at
+    most ``max_member_bytes``; the samples of a shard not asked for are skipped unread (headers only)."""
     if len(ids) == 0:
         return
-    shard_of = index.shard_of(ids)
-    offsets = index.offsets
-    start = 0
-    while start < len(ids):
-        k = int(shard_of[start])
-        end = start
-        while end < len(ids) and shard_of[end] == k:
-            end += 1
-        wanted = {int(i - offsets[k]): int(i) for i in ids[start:end]}
-        last = max(wanted)  # (once: max() per sample cost ~10 us/sample with 1000-sample shards)
-        got: dict[int, dict] = {}
-        try:
-            with open(index.path(k), "rb") as f:
-                url = str(index.path(k))
-                stream = ({**m, "__url__": url} for m in tar_file_iterator(f, select_files=_select_member))
-                for pos, sample in enumerate(group_by_keys(stream)):
-                    if pos in wanted:
-                        got[pos] = {s: v for s, v in sample.items() if s in ALLOWED_SUFFIXES}
-                    if pos >= last:
-                        break
-            if len(got) < len(wanted):  # tarfile ends a truncated archive silently
-                on_error(f"shard {index.path(k)}: ended before {len(wanted) - len(got)} of the {len(wanted)} "
-                         f"samples read from it (truncated, or shorter than _info.json says)")
-        except (OSError, tarfile.TarError, ValueError) as e:
-            on_error(f"shard {index.path(k)}: {type(e).__name__}: {e}")
-        # yield in the requested order (ids ascend within a shard)
-        for i in ids[start:end]:
-            yield int(i), got.get(int(i - offsets[k]), {})
-        start = end
+    cuts = np.flatnonzero(np.diff(index.shard_of(ids))) + 1  # where the shard changes
+    for chunk in np.split(ids, cuts):
+        yield from _read_shard(index, int(index.shard_of(chunk[:1])[0]), chunk, on_error, max_member_bytes)
 
 
-def seeded_shuffle(items: Iterator, bufsize: int, rng: np.random.Generator) -> Iterator:
-    """Shuffle a stream through a buffer of ``bufsize`` with a seeded RNG (deterministic for a given stream)."""
+def _read_shard(index: ShardIndex, k: int, ids: np.ndarray, on_error: Callable[[str], None],
+                max_member_bytes: int) -> Iterator[tuple[int, dict]]:
+    """:func:`read_raw` for ``ids`` (ascending) of shard ``k``."""
+    path = index.path(k)
+
+    def report(message: str) -> None:
+        on_error(f"shard {path}: {message}")
+
+    wanted = (ids - index.offsets[k]).tolist()
+    done = 0
+    try:
+        with open(path, "rb") as f:
+            for pos, group in enumerate(shard_samples(f, os.fstat(f.fileno()).st_size)):
+                exit_if_orphaned()
+                if pos > wanted[-1]:
+                    if pos >= index.lengths[k]:
+                        report(f"holds more samples than the {index.lengths[k]} _info.json declares; the extra "
+                               f"ones are never used")
+                    break
+                if pos == wanted[done]:
+                    yield int(ids[done]), _read_members(f, group, max_member_bytes, report)
+                    done += 1
+    except (OSError, tarfile.TarError) as e:
+        report(f"{type(e).__name__}: {e}")
+    if done < len(ids):
+        report(f"ended before {len(ids) - done} of the {len(ids)} samples read from it (truncated, or shorter "
+               f"than _info.json says)")
+    for i in ids[done:]:
+        yield int(i), {}
+
+
+def _read_members(f, group: list[tarfile.TarInfo], limit: int, on_error: Callable[[str], None]) -> dict:
+    """{suffix: bytes} of the members of one sample the loader uses (the first of each suffix); a member over
+    ``limit`` bytes is left out unread (the sample then counts as corrupt if it was the image)."""
+    out: dict[str, bytes] = {}
+    for m in group:
+        suffix = split_name(m.name)[1]
+        if suffix not in READ_SUFFIXES or suffix in out:
+            continue
+        if m.size > limit:
+            on_error(f"member {m.name} has {m.size} bytes, over the {limit}-byte limit: not read")
+            continue
+        f.seek(m.offset_data)
+        data = f.read(m.size)
+        if len(data) == m.size:
+            out[suffix] = data
+    return out
+
+
+def _raw_bytes(item: tuple[int, dict]) -> int:
+    return sum(len(v) for v in item[1].values())
+
+
+def seeded_shuffle(items: Iterator, bufsize: int, rng: np.random.Generator, max_bytes: int | None = None,
+                   nbytes: Callable[[object], int] = _raw_bytes) -> Iterator:
+    """Shuffle a stream through a buffer of ``bufsize`` items with a seeded RNG (deterministic for a given stream).
+    ``bufsize <= 0``: no shuffling. With ``max_bytes``, items leave early while the buffer holds more than that
+    (``nbytes`` per item); below it the order is the plain buffer's."""
+    if bufsize <= 0:
+        yield from items
+        return
     buf: list = []
+    held = 0
     for x in items:
         if len(buf) < bufsize:
             buf.append(x)
-            continue
-        j = int(rng.integers(len(buf)))
-        buf[j], x = x, buf[j]
-        yield x
+            held += nbytes(x) if max_bytes is not None else 0
+        else:
+            j = int(rng.integers(len(buf)))
+            buf[j], x = x, buf[j]
+            held += nbytes(buf[j]) - nbytes(x) if max_bytes is not None else 0
+            yield x
+        while max_bytes is not None and held > max_bytes and len(buf) > 1:
+            j = int(rng.integers(len(buf)))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            held -= nbytes(buf[-1])
+            yield buf.pop()
     rng.shuffle(buf)
     yield from buf
 
 
-def decode_label(sample: dict) -> int:
+_LABEL_RE = re.compile(r"-?[0-9]{1,18}")
+
+
+def decode_label(sample: dict, num_classes: int = 0) -> int:
+    """The sample's ``.cls`` as an int in ``[0, num_classes)`` (any int >= 0 when ``num_classes`` is 0).
+    Raises ValueError when it is missing, not a decimal integer, or out of range."""
     raw = sample.get("cls")
     if raw is None:
+        raise ValueError("no .cls label")
+    text = raw.decode("ascii").strip() if isinstance(raw, bytes) else str(raw)
+    if not _LABEL_RE.fullmatch(text):
+        raise ValueError(f"label {text[:20]!r} is not an integer")
+    label = int(text)
+    if label < 0 or (num_classes > 0 and label >= num_classes):
+        raise ValueError(f"label {label} outside [0, {num_classes or 'inf'})")
+    return label
+
+
+def optional_label(sample: dict, num_classes: int = 0) -> int:
+    """:func:`decode_label`, or -1 where it raises (pre-training: labels are never needed)."""
+    try:
+        return decode_label(sample, num_classes)
+    except ValueError:
         return -1
-    return int(raw.decode("ascii").strip()) if isinstance(raw, bytes) else int(raw)
 
 
 def image_bytes(sample: dict) -> bytes | None:
@@ -172,10 +272,14 @@ class StreamSpec:
     rank: int
     num_workers: int
     seed: int
-    shuffle_buffer: int
+    shuffle_buffer: int  # samples; <= 0: no shuffle buffer (shards still come in a seeded order)
     augment: AugmentConfig
     steps_multiple: int = 1
     decode: str = "cpu"  # "cpu": workers decode; "gpu": workers ship JPEG bytes + crop params (gpu_decode)
+    num_classes: int = 0  # labels must lie in [0, num_classes); 0: any label >= 0
+    require_labels: bool = False  # True (fine-tuning): a bad / missing label makes the sample corrupt; else -1
+    max_pixels: int = 0  # decompression-bomb bound (w*h from the header); 0: auto from augment.size
+    max_member_bytes: int = MAX_MEMBER_BYTES  # a larger tar member is not read (its sample counts as corrupt)
 
 
 class ShardStream(IterableDataset):
@@ -192,18 +296,31 @@ class ShardStream(IterableDataset):
         self.control = torch.zeros(3, dtype=torch.int64).share_memory_()
         self.control[2] = int(round(spec.augment.randaug_magnitude * 1000))
         self.keep = torch.ones(n, dtype=torch.bool).share_memory_()
-        self._transform: SampleTransform | None = None
+        # output size of every step of the epoch (0 = the final size, augment.size): the stage-sized decode plan
+        max_steps = steps_per_epoch(n, spec.world, spec.batch_size, spec.num_workers, spec.steps_multiple)
+        self.sizes = torch.zeros(max(1, max_steps), dtype=torch.int32).share_memory_()
+        self._transforms: dict[int, SampleTransform] = {}
         self._magnitude_key: int | None = None
 
-    def _get_transform(self) -> SampleTransform:
-        m = int(self.control[2])
-        if self._transform is None or m != self._magnitude_key:
-            aug = self.spec.augment
-            self._transform = SampleTransform(AugmentConfig(
-                size=aug.size, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
-                randaug_magnitude=m / 1000.0 if m >= 0 else -1.0, randaug_mstd=aug.randaug_mstd, train=aug.train))
+    def _get_transform(self, size: int = 0, magnitude: int | None = None) -> SampleTransform:
+        """The transform at output ``size`` (0: the final size) and RandAugment ``magnitude`` (x 1000; default:
+        the current one). The decompression-bomb bound stays the final size's whatever the output size."""
+        m = int(self.control[2]) if magnitude is None else magnitude
+        if m != self._magnitude_key:
+            self._transforms.clear()
             self._magnitude_key = m
-        return self._transform
+        aug = self.spec.augment
+        size = size or aug.size
+        if size not in self._transforms:
+            self._transforms[size] = SampleTransform(AugmentConfig(
+                size=size, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
+                randaug_magnitude=m / 1000.0 if m >= 0 else -1.0, randaug_mstd=aug.randaug_mstd, train=aug.train),
+                max_pixels=self.spec.max_pixels or auto_max_pixels(aug.size))
+        return self._transforms[size]
+
+    def _label(self, sample: dict) -> int:
+        s = self.spec
+        return decode_label(sample, s.num_classes) if s.require_labels else optional_label(sample, s.num_classes)
 
     def __iter__(self):
         s = self.spec
@@ -216,16 +333,30 @@ class ShardStream(IterableDataset):
         order = epoch_order(s.index, s.seed, epoch, self.keep.numpy())
         ids = worker_ids(order, s.world, s.rank, s.batch_size, nw, worker, s.steps_multiple)
         skip = consumed_by_worker(steps_done, nw, worker) * s.batch_size
-        transform = self._get_transform()
         gpu = s.decode == "gpu"
+        plan = self.sizes.numpy().copy()  # GPU path: only CPU-decoded samples use it here, the crop boxes do not
+        magnitude = int(self.control[2])  # read once per epoch iterator, as the plan is
+        transform = self._get_transform(0, magnitude)
         errors: list[str] = []
         rng = np.random.default_rng([s.seed, epoch, s.rank, worker, 0xB0F])
-        raw = seeded_shuffle(read_raw(s.index, ids, errors.append), s.shuffle_buffer, rng)
+        raw = seeded_shuffle(read_raw(s.index, ids, errors.append, s.max_member_bytes), s.shuffle_buffer, rng,
+                             SHUFFLE_MAX_BYTES)
         last_good = None
-        pending = 0
+        last_src: tuple[bytes, int] | None = None  # the last good sample's bytes and id (to redo it at another S)
+        pending: list[SampleTransform] = []  # the transforms of corrupt samples seen before the first good one
+
+        def at_transform(good: dict, t: SampleTransform) -> dict:
+            """``good`` (a stand-in for a corrupt sample) at the output size of ``t`` (its step's S)."""
+            if "image" not in good or good["image"].shape[-1] == t.cfg.size or last_src is None:
+                return good  # (a JPEG for the GPU path is cropped to its batch's size when decoded)
+            seed_sample(s.seed, epoch, last_src[1])
+            return {**good, "image": t(last_src[0])}
+
         for pos, (sid, sample) in enumerate(raw):
             if pos < skip:
                 continue  # already consumed before the resume: skipped undecoded
+            step = (pos // s.batch_size) * nw + worker
+            transform = self._get_transform(int(plan[step]) if step < len(plan) else 0, magnitude)
             for e in errors:
                 log.warning("%s", e)
             errors.clear()
@@ -233,25 +364,115 @@ class ShardStream(IterableDataset):
             data = image_bytes(sample)
             if data is not None:
                 try:
+                    label = self._label(sample)
                     seed_sample(s.seed, epoch, sid)
                     img = encode_sample(data, transform) if gpu else {"image": transform(data)}
-                    label = decode_label(sample)
                 except Exception as e:  # a corrupt sample must never stop training
                     log.debug("corrupt sample %d: %s", sid, e)
                     img = None
             if img is None:
                 if last_good is None:
-                    pending += 1
+                    pending.append(transform)
                     continue
+                last_good = at_transform(last_good, transform)
                 yield {**last_good, "corrupt": 1}
                 continue
             last_good = {**img, "label": label, "id": sid, "corrupt": 0}
-            while pending:
-                pending -= 1
-                yield {**last_good, "corrupt": 1}
+            last_src = (data, sid)
+            for t in pending:
+                yield {**at_transform(last_good, t), "corrupt": 1}
+            pending.clear()
+            last_good = at_transform(last_good, transform)
             yield last_good
         if pending:
-            raise RuntimeError(f"rank {s.rank} worker {worker}: none of its {pending} samples could be decoded")
+            raise RuntimeError(f"rank {s.rank} worker {worker}: none of its {len(pending)} samples could be decoded")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# worker processes: signals, dying with the parent, ending them
+# --------------------------------------------------------------------------------------------------------------
+
+_PARENT_PID: int | None = None  # in a loader worker: the process that started it
+PR_SET_PDEATHSIG = 1
+
+
+def worker_init(_: int, parent: int) -> None:
+    """DataLoader ``worker_init_fn`` (bind ``parent=os.getpid()``). Workers ignore preemption signals: the main
+    process decides, checkpoints and shuts them down (``deepspeed``'s launcher and ``scancel --signal`` signal
+    every process of the tree, workers included). They die with their parent, whatever they are doing."""
+    global _PARENT_PID
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _PARENT_PID = parent
+    if sys.platform.startswith("linux"):  # the kernel SIGKILLs us when the parent (thread) exits
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl in this libc: exit_if_orphaned() remains
+            pass
+    exit_if_orphaned()  # the parent may have died before prctl
+
+
+def exit_if_orphaned() -> None:
+    """In a loader worker whose parent is gone: exit now (the fallback where PR_SET_PDEATHSIG is missing)."""
+    if _PARENT_PID is not None and os.getppid() != _PARENT_PID:
+        os._exit(1)
+
+
+def worker_init_fn():
+    """The ``worker_init_fn`` for a DataLoader made in this process."""
+    return functools.partial(worker_init, parent=os.getpid())
+
+
+def stop_workers(loader: DataLoader, timeout: float = 5.0) -> None:
+    """End the worker processes of ``loader``'s (persistent) iterator now: SIGKILL, as they ignore SIGTERM and hold
+    no state, then torch's own clean-up of its queues and threads. Safe to call again; a later ``iter(loader)``
+    starts new workers. (Uses DataLoader internals: ``tests/test_hostile_data.py`` checks them.)"""
+    it = getattr(loader, "_iterator", None)
+    workers = list(getattr(it, "_workers", ()))
+    if not workers:
+        return
+    loader._iterator = None
+    if getattr(it, "_worker_pids_set", False):  # else torch's SIGCHLD handler reports the kill as a crash
+        _torch_signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+    for w in workers:
+        w.join(timeout)
+    it._shutdown_workers()
+
+
+_OPEN_LOADERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    """At exit, before torch's and multiprocessing's own hooks (registered earlier; atexit runs LIFO):
+    multiprocessing would SIGTERM the workers, which ignore it, then wait for them forever."""
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
+
+
+class ClosableLoader:
+    """close() / __del__ / exit handling of a loader that holds a DataLoader in ``self.loader``."""
+
+    loader: DataLoader
+
+    def _track(self) -> None:
+        _OPEN_LOADERS.add(self)
+
+    def close(self) -> None:
+        """End the worker processes now (SIGKILL if needed); safe to call twice."""
+        if getattr(self, "loader", None) is not None:
+            stop_workers(self.loader)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser (e.g. at interpreter exit)
+            pass
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -259,18 +480,9 @@ class ShardStream(IterableDataset):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _worker_init(_: int) -> None:
-    """Workers ignore preemption signals: the main process decides, checkpoints and shuts them down.
-    (``deepspeed``'s launcher and ``scancel --signal`` signal every process of the tree, workers included.)"""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class ShardLoader:
-    """Wraps a DataLoader over a ShardStream. Call ``start_epoch`` before iterating each epoch.
+class ShardLoader(ClosableLoader):
+    """Wraps a DataLoader over a ShardStream. Call ``start_epoch`` before iterating each epoch, ``close()`` at the
+    end (also done on an error while iterating, at garbage collection and at exit).
 
     With ``spec.decode == "gpu"`` the batches are decoded in this process on ``decode_device`` (default: the
     current CUDA device; ``"cpu"`` runs the same code on the CPU, for tests) and ``batch["image"]`` is already
@@ -282,7 +494,7 @@ class ShardLoader:
         self.decoder: BatchDecoder | None = None
         kw = {}
         if spec.num_workers > 0:
-            kw = dict(persistent_workers=True, prefetch_factor=4, worker_init_fn=_worker_init)
+            kw = dict(persistent_workers=True, prefetch_factor=4, worker_init_fn=worker_init_fn())
         if check_decode(spec.decode) == "gpu":
             self.decoder = BatchDecoder(spec.augment.size, decode_device)
             kw["collate_fn"] = make_collate(spec.augment.size)
@@ -290,6 +502,7 @@ class ShardLoader:
                                  pin_memory=pin_memory, drop_last=False, **kw)
         self.epoch = 0
         self.step_in_epoch = 0
+        self._track()
 
     def steps_in_epoch(self, keep: np.ndarray | None = None) -> int:
         n = int(keep.sum()) if keep is not None else self.spec.index.num_samples
@@ -297,8 +510,13 @@ class ShardLoader:
                                self.spec.steps_multiple)
 
     def start_epoch(self, epoch: int, step_in_epoch: int = 0, keep: np.ndarray | None = None,
-                    magnitude: float | None = None) -> int:
-        """Set the epoch plan; returns the number of steps this epoch will run (from ``step_in_epoch``)."""
+                    magnitude: float | None = None, sizes=None) -> int:
+        """Set the epoch plan; returns the number of steps this epoch will run (from ``step_in_epoch``).
+
+        ``sizes``: the output size of each step of the epoch (indexed by step in epoch; entries before
+        ``step_in_epoch`` are not used; 0 or a missing entry = the final size), each between 1 and the final
+        size; None: every step at the final size. With ``decode == "gpu"`` the batch is decoded on the device and
+        cropped to its step's size there (nvJPEG has no DCT scaling: only the resize follows the plan)."""
         self.epoch, self.step_in_epoch = epoch, step_in_epoch
         self.dataset.control[0] = epoch
         self.dataset.control[1] = step_in_epoch
@@ -308,6 +526,12 @@ class ShardLoader:
             self.dataset.keep.copy_(torch.from_numpy(np.asarray(keep, dtype=bool)))
         else:
             self.dataset.keep.fill_(True)
+        self.dataset.sizes.zero_()
+        if sizes is not None:
+            plan = np.asarray(sizes, dtype=np.int64).reshape(-1)[: len(self.dataset.sizes)]
+            if plan.size and (plan.min() < 0 or plan.max() > self.spec.augment.size):
+                raise ValueError(f"step sizes must lie in [0, {self.spec.augment.size}]; got {plan.min()}..{plan.max()}")
+            self.dataset.sizes[: plan.size] = torch.from_numpy(plan.astype(np.int32))
         steps = self.steps_in_epoch(self.dataset.keep.numpy())
         if steps == 0:
             raise ValueError(
@@ -316,14 +540,16 @@ class ShardLoader:
         return steps - step_in_epoch
 
     def __iter__(self):
-        for batch in self.loader:
-            if self.decoder is not None:
-                batch = self.decoder(batch)
-            self.step_in_epoch += 1
-            yield batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+        try:
+            for batch in self.loader:
+                if self.decoder is not None:
+                    k = self.step_in_epoch
+                    batch = self.decoder(batch, int(self.dataset.sizes[k]) if k < len(self.dataset.sizes) else 0)
+                self.step_in_epoch += 1
+                yield batch
+        except Exception:  # e.g. re-raised from a worker: no worker outlives it
+            self.close()
+            raise
 
 
 def read_eval_samples(index: ShardIndex, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,7 +562,7 @@ def read_eval_samples(index: ShardIndex, n: int, size: int) -> tuple[torch.Tenso
             continue
         try:
             imgs.append(t(data))
-            labels.append(decode_label(sample))
+            labels.append(optional_label(sample, index.num_classes))
         except Exception:
             continue
         if len(imgs) == n:
@@ -346,10 +572,5 @@ def read_eval_samples(index: ShardIndex, n: int, size: int) -> tuple[torch.Tenso
     return torch.stack(imgs), torch.tensor(labels)
 
 
-def read_class_names(folder) -> list[str]:
-    p = folder / "class_index.json"
-    return json.loads(p.read_text()) if p.is_file() else []
-
-
-__all__ = ["ShardLoader", "StreamSpec", "epoch_order", "steps_per_epoch", "worker_ids", "consumed_by_worker",
-           "read_eval_samples"]
+__all__ = ["ShardLoader", "StreamSpec", "stage_crop_size", "STAGE_SIZE_RATIO", "epoch_order", "steps_per_epoch", "worker_ids", "consumed_by_worker",
+           "read_eval_samples", "read_raw", "decode_label", "optional_label", "stop_workers", "MAX_MEMBER_BYTES"]

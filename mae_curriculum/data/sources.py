@@ -13,7 +13,8 @@ Layouts (``--format``)
     A ``.tar`` / ``.tar.gz`` / ``.tgz`` / ``.tar.bz2`` / ``.tar.xz`` holding such a tree, possibly under
     top-level folders. ``tar_subdir`` names the folder whose children are the classes; without it the reader
     descends while all images sit under one single folder and at least two levels below it. It is never
-    unpacked: plain tars are read by offset (random access), compressed ones as a stream.
+    unpacked: plain tars are read by offset (random access), compressed ones through a decompressor, in
+    offset order.
 ``imagenet-train-tar``
     The official ILSVRC2012 train tar: a tar of per-class tars ``n01440764.tar`` holding JPEGs; the class is
     the inner tar's name. Read nested, never unpacked.
@@ -30,17 +31,28 @@ Classes are the class folders (or inner tars) that hold at least one image file,
 ``sorted`` (torchvision's ImageFolder order). Only files with an image suffix (see ``IMAGE_SUFFIXES``) are
 read; other files and hidden names (``.DS_Store``, ``._x.jpg``) are counted as ignored. Folder and ImageNet
 sources are listed in sorted path order; tar sources keep the archive order.
+
+Untrusted sources: only regular files are read (a FIFO or a device behind an image name is skipped, never
+waited on), each at most ``max_file_bytes``; symbolic links (files or folders) that resolve outside SRC are
+skipped unless ``follow_links``; tars are read in seekable mode with every member bounded
+(:mod:`~mae_curriculum.data.tarsafe`): an archive that cannot be read further keeps the files listed before
+that point and reports the rest. Skipped files are listed with their reason in ``_report.json``.
 """
 
 from __future__ import annotations
 
+import lzma
 import os
 import re
+import stat
 import sys
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from mae_curriculum.data.tarsafe import compression, members, open_archive
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -48,7 +60,8 @@ IMAGE_SUFFIXES = frozenset(
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 SPLIT_NAMES = frozenset({"train", "val", "validation", "test", "dev"})
 FORMATS = ("auto", "imagefolder", "tar", "imagenet-train-tar", "imagenet-val")
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+MAX_FILE_BYTES = 64 << 20  # default bound on the bytes of one source file
+_ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
 
 Raw = tuple[int, "bytes | None", "str | None"]  # (entry index, data, error reason)
 
@@ -62,8 +75,8 @@ class Entry:
     """One image of a source.
 
     ``path`` is relative to SRC (a file path, a tar member name, or ``inner.tar/member`` for nested tars);
-    ``offset``/``size`` locate the bytes inside a plain tar; ``seq`` is the file's position in the source's
-    natural traversal (used to match the two passes over a compressed tar).
+    ``offset``/``size`` locate the bytes inside a (decompressed) tar; ``seq`` is the file's position in the
+    source's natural traversal.
     """
 
     path: str
@@ -82,6 +95,7 @@ class Source:
     entries: list[Entry]
     skipped: list[dict] = field(default_factory=list)
     ignored: int = 0
+    max_file_bytes: int = MAX_FILE_BYTES  # a larger file is skipped ("too large"), never read
 
     @property
     def classes(self) -> list[str]:
@@ -167,32 +181,72 @@ def tree_entries(
 
 
 class FolderSource(Source):
-    """Files under a folder, read with ``Path.read_bytes``."""
+    """Files under a folder, read with :func:`read_regular`."""
 
     def read(self, order: Sequence[int]) -> Iterator[Raw]:
         for i in order:
-            try:
-                yield i, (self.src / self.entries[i].path).read_bytes(), None
-            except OSError as e:
-                yield i, None, f"unreadable: {e.strerror or e}"
+            yield (i, *read_regular(self.src / self.entries[i].path, self.max_file_bytes))
 
 
-def _walk_folder(root: Path, max_depth: int = 3) -> list[str]:
-    """Relative paths of all files at most ``max_depth`` levels below ``root`` (symlinks followed), sorted."""
-    out = []
+def too_large(size: int, limit: int) -> str:
+    return f"too large: {size} bytes (over --max-file-bytes {limit})"
+
+
+def read_regular(path: Path, limit: int) -> tuple[bytes | None, str | None]:
+    """(bytes, None) of the regular file at ``path`` if it has at most ``limit`` bytes, else (None, reason).
+    Anything else (FIFO, device, socket) is refused from its metadata, never opened for a blocking read."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None, "not a regular file"
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # non-blocking: swapped for a FIFO
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return None, "not a regular file"
+            if st.st_size > limit:
+                return None, too_large(st.st_size, limit)
+            data = f.read(limit + 1)
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+    return (data, None) if len(data) <= limit else (None, too_large(len(data), limit))
+
+
+def external_link(root: Path, path: Path) -> str | None:
+    """Why ``path`` (inside ``root``, which is resolved) must be skipped: a symbolic link that resolves outside
+    ``root``; None for anything else."""
+    if not path.is_symlink():
+        return None
+    real = path.resolve()
+    if real == root or root in real.parents:
+        return None
+    kind = "folder" if real.is_dir() else "file"
+    return f"symbolic link to a {kind} outside SRC ({real}); pass --follow-external-links to read it"
+
+
+def _walk_folder(root: Path, follow_links: bool = False, max_depth: int = 3) -> tuple[list[str], list[dict]]:
+    """Relative paths of all files at most ``max_depth`` levels below ``root`` (symlinks followed), sorted, and
+    the links skipped because they resolve outside ``root`` (unless ``follow_links``), as report entries."""
+    real_root, out, refused = root.resolve(), [], []
+
+    def allowed(path: Path) -> bool:
+        reason = None if follow_links else external_link(real_root, path)
+        if reason is not None:
+            refused.append({"path": path.relative_to(root).as_posix(), "reason": reason})
+        return reason is None
+
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        rel = Path(dirpath).relative_to(root)
-        depth = len(rel.parts)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if depth < max_depth - 1 else []
-        out.extend((rel / f).as_posix() for f in filenames)
-    return sorted(out)
+        here = Path(dirpath)
+        depth = len(here.relative_to(root).parts)
+        keep = sorted(d for d in dirnames if not d.startswith(".")) if depth < max_depth - 1 else []
+        dirnames[:] = [d for d in keep if allowed(here / d)]
+        out.extend((here / f).relative_to(root).as_posix() for f in filenames if allowed(here / f))
+    return sorted(out), sorted(refused, key=lambda r: r["path"])
 
 
-def open_imagefolder(root: Path) -> FolderSource:
-    files = [(p, -1, -1) for p in _walk_folder(root)]
-    entries, skipped, ignored = tree_entries(files, None, auto_descend=False, where=str(root))
+def open_imagefolder(root: Path, follow_links: bool = False) -> FolderSource:
+    paths, refused = _walk_folder(root, follow_links)
+    entries, skipped, ignored = tree_entries([(p, -1, -1) for p in paths], None, auto_descend=False, where=str(root))
     entries.sort(key=lambda e: (e.class_name, e.path))
-    return FolderSource(root, "imagefolder", entries, skipped, ignored)
+    return FolderSource(root, "imagefolder", entries, refused + skipped, ignored)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -200,108 +254,99 @@ def open_imagefolder(root: Path) -> FolderSource:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def is_compressed(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(6)
-    return any(head.startswith(m) for m in _COMPRESSED_MAGIC)
-
-
-def _iter_tar(path: Path, nested: bool, stream: bool, errors: list[dict]) -> Iterator[tuple]:
-    """Yield ``(name, abs_offset, size, tarfile, member)`` for each regular file (of the inner tars if nested).
-
-    Unreadable inner tars are appended to ``errors`` and skipped. ``tf.members`` is cleared as we go so that
-    listing millions of members stays in constant memory (the trick webdataset uses).
-    """
-    with tarfile.open(path, "r|*" if stream else "r:") as tf:
-        for m in tf:
-            tf.members = []
+def _tar_files(path: Path, nested: bool, errors: list[dict]) -> Iterator[tuple[str, int, int]]:
+    """``(name, offset, size)`` of each regular file of the archive (of its inner tars if ``nested``), offsets
+    into the (decompressed) archive. An unreadable inner tar is appended to ``errors`` and skipped; where the
+    archive itself cannot be read further, this raises (after the files before that point)."""
+    f, size = open_archive(path)
+    with f:
+        for m in members(f, 0, size):
             if not m.isreg():
                 continue
             if not nested:
-                yield m.name, m.offset_data, m.size, tf, m
+                yield m.name, m.offset_data, m.size
             elif m.name.endswith(".tar"):
-                yield from _iter_inner(tf, m, stream, errors)
+                yield from _inner_files(f, m, errors)
 
 
-def _iter_inner(outer: tarfile.TarFile, m: tarfile.TarInfo, stream: bool, errors: list[dict]) -> Iterator[tuple]:
+def _inner_files(f, m: tarfile.TarInfo, errors: list[dict]) -> Iterator[tuple[str, int, int]]:
     try:
-        with tarfile.open(fileobj=outer.extractfile(m), mode="r|" if stream else "r:") as inner:
-            for im in inner:
-                inner.members = []
-                if im.isreg():
-                    yield f"{m.name}/{im.name}", m.offset_data + im.offset_data, im.size, inner, im
+        for im in members(f, m.offset_data, m.size):
+            if im.isreg():
+                yield f"{m.name}/{im.name}", m.offset_data + im.offset_data, im.size
     except tarfile.TarError as e:
         errors.append({"path": m.name, "reason": f"unreadable inner tar: {e}"})
 
 
 def _first_member(path: Path) -> str:
     """Name of the first image or ``.tar`` file in the archive (for format detection)."""
-    with tarfile.open(path, "r|*") as tf:
-        for m in tf:
-            if m.isreg() and (m.name.endswith(".tar") or _is_image_name(_parts(m.name))):
-                return m.name
+    try:
+        for name, _, _ in _tar_files(path, False, []):
+            if name.endswith(".tar") or _is_image_name(_parts(name)):
+                return name
+    except _ARCHIVE_ERRORS:
+        pass
     return ""
 
 
 @dataclass
 class TarSource(Source):
-    """A tar of images (``nested``: a tar of per-class tars), read by offset when plain, else streamed."""
+    """A tar of images (``nested``: a tar of per-class tars), read by offset (a compressed one in offset order)."""
 
     nested: bool = False
-    stream: bool = False
+    compressed: bool = False
 
     def read(self, order: Sequence[int]) -> Iterator[Raw]:
-        if not self.stream:
-            yield from self._read_random(order)
-        elif list(order) == sorted(order):
-            yield from self._read_stream(order)
-        else:
-            print(f"note: shuffling a compressed tar buffers {self.src} in memory", file=sys.stderr)
-            buffered = {i: (data, err) for i, data, err in self._read_stream(sorted(order))}
-            for i in order:
-                yield (i, *buffered.pop(i))
+        order = list(order)
+        if not self.compressed or order == sorted(order):
+            yield from self._read_at(order)
+            return
+        print(f"note: shuffling a compressed tar buffers {self.src} in memory", file=sys.stderr)
+        buffered = {i: (data, err) for i, data, err in self._read_at(sorted(order))}
+        for i in order:
+            yield (i, *buffered.pop(i))
 
-    def _read_random(self, order: Sequence[int]) -> Iterator[Raw]:
-        with open(self.src, "rb") as f:
-            for i in order:
+    def _read_at(self, order: list[int]) -> Iterator[Raw]:
+        """Seek and read each entry (forward only when ``order`` ascends: one pass through a compressed tar)."""
+        f, _ = open_archive(self.src)
+        with f:
+            for n, i in enumerate(order):
                 e = self.entries[i]
-                f.seek(e.offset)
-                data = f.read(e.size)
+                if e.size > self.max_file_bytes:
+                    yield i, None, too_large(e.size, self.max_file_bytes)
+                    continue
+                try:
+                    f.seek(e.offset)
+                    data = f.read(e.size)
+                except _ARCHIVE_ERRORS as err:
+                    for j in order[n:]:
+                        yield j, None, f"unreadable archive: {type(err).__name__}: {err}"
+                    return
                 yield (i, data, None) if len(data) == e.size else (i, None, "truncated inside the archive")
 
-    def _read_stream(self, order: Sequence[int]) -> Iterator[Raw]:
-        wanted = {self.entries[i].seq: i for i in order}
-        found: set[int] = set()
-        try:
-            for seq, (_, _, _, tf, m) in enumerate(_iter_tar(self.src, self.nested, True, [])):
-                if seq in wanted:
-                    found.add(seq)
-                    yield wanted[seq], tf.extractfile(m).read(), None
-        except (tarfile.TarError, OSError, EOFError) as e:
-            print(f"warning: {self.src}: archive ended early on the second read ({e})", file=sys.stderr)
-        for seq in sorted(set(wanted) - found):
-            yield wanted[seq], None, "missing from the archive on the second read"
 
-
-def _list_tar(path: Path, nested: bool, stream: bool) -> tuple[list[tuple[str, int, int]], list[dict]]:
+def _list_tar(path: Path, nested: bool) -> tuple[list[tuple[str, int, int]], list[dict]]:
     errors: list[dict] = []
+    files: list[tuple[str, int, int]] = []
     try:
-        files = [(name, off, size) for name, off, size, _, _ in _iter_tar(path, nested, stream, errors)]
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise SourceError(f"{path}: unreadable or truncated archive ({type(e).__name__}: {e})") from None
+        files.extend(_tar_files(path, nested, errors))
+    except _ARCHIVE_ERRORS as e:
+        if not files:
+            raise SourceError(f"{path}: unreadable or truncated archive ({type(e).__name__}: {e})") from None
+        errors.append({"path": path.name, "reason": f"archive unreadable after its first {len(files)} files "
+                                                    f"({type(e).__name__}: {e}): the rest is skipped"})
     return files, errors
 
 
 def open_tar(path: Path, tar_subdir: str | None) -> TarSource:
-    stream = is_compressed(path)
-    files, errors = _list_tar(path, nested=False, stream=stream)
+    files, errors = _list_tar(path, nested=False)
     entries, skipped, ignored = tree_entries(files, tar_subdir, auto_descend=True, where=str(path))
-    return TarSource(path, "tar", entries, errors + skipped, ignored, nested=False, stream=stream)
+    return TarSource(path, "tar", entries, errors + skipped, ignored, nested=False,
+                     compressed=compression(path) is not None)
 
 
 def open_imagenet_train_tar(path: Path) -> TarSource:
-    stream = is_compressed(path)
-    files, errors = _list_tar(path, nested=True, stream=stream)
+    files, errors = _list_tar(path, nested=True)
     entries, ignored = [], 0
     for seq, (name, offset, size) in enumerate(files):
         inner_tar, _, member = name.partition(".tar/")
@@ -311,7 +356,8 @@ def open_imagenet_train_tar(path: Path) -> TarSource:
             ignored += 1
     if not entries:
         raise SourceError(f"no images found inside the per-class tars of {path}")
-    return TarSource(path, "imagenet-train-tar", entries, errors, ignored, nested=True, stream=stream)
+    return TarSource(path, "imagenet-train-tar", entries, errors, ignored, nested=True,
+                     compressed=compression(path) is not None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -358,12 +404,17 @@ def parse_val_labels(path: Path, filenames: Sequence[str], classes: Sequence[str
     return {by_name[r[0]]: _class_of(r[1], classes, False, str(path)) for r in rows if r[0] in by_name}
 
 
-def open_imagenet_val(root: Path, labels_file: Path, classes: Sequence[str] | None) -> FolderSource:
-    names = sorted(p.name for p in root.iterdir() if p.is_file())
+def open_imagenet_val(root: Path, labels_file: Path, classes: Sequence[str] | None,
+                      follow_links: bool = False) -> FolderSource:
+    real_root = root.resolve()
+    files = sorted(p for p in root.iterdir() if p.is_file())
+    refused = {} if follow_links else {p.name: r for p in files if (r := external_link(real_root, p)) is not None}
+    names = [p.name for p in files if p.name not in refused]
     images = [n for n in names if _is_image_name([n])]
     labels = parse_val_labels(labels_file, images, classes)
     entries = [Entry(n, labels[n]) for n in images if n in labels]
-    skipped = [{"path": n, "reason": f"no label in {labels_file.name}"} for n in images if n not in labels]
+    skipped = [{"path": n, "reason": r} for n, r in refused.items()]
+    skipped += [{"path": n, "reason": f"no label in {labels_file.name}"} for n in images if n not in labels]
     if not entries:
         raise SourceError(f"no labelled images in {root} (labels from {labels_file})")
     return FolderSource(root, "imagenet-val", entries, skipped, len(names) - len(images))
@@ -374,8 +425,18 @@ def open_imagenet_val(root: Path, labels_file: Path, classes: Sequence[str] | No
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _looks_like_tar(path: Path) -> bool:
+    try:
+        f, size = open_archive(path)
+        with f:
+            next(members(f, 0, size), None)
+        return True
+    except _ARCHIVE_ERRORS:
+        return False
+
+
 def is_tar_path(path: Path) -> bool:
-    return path.is_file() and (path.name.lower().endswith(TAR_SUFFIXES) or tarfile.is_tarfile(path))
+    return path.is_file() and (path.name.lower().endswith(TAR_SUFFIXES) or _looks_like_tar(path))
 
 
 def detect_format(src: Path, val_labels: str | None) -> str:
@@ -397,20 +458,30 @@ def open_source(
     tar_subdir: str | None = None,
     val_labels: str | Path | None = None,
     classes: Sequence[str] | None = None,
+    *,
+    follow_links: bool = False,
+    max_file_bytes: int = MAX_FILE_BYTES,
 ) -> Source:
-    """Detect (if ``fmt == "auto"``) and list ``src``. ``classes`` maps integer val labels to names."""
-    src = Path(src)
+    """Detect (if ``fmt == "auto"``) and list ``src``. ``classes`` maps integer val labels to names;
+    ``follow_links`` reads symbolic links that lead outside ``src``; a file over ``max_file_bytes`` is skipped."""
+    source = _open_source(Path(src), fmt, tar_subdir, val_labels, classes, follow_links)
+    source.max_file_bytes = max_file_bytes
+    return source
+
+
+def _open_source(src: Path, fmt: str, tar_subdir: str | None, val_labels: str | Path | None,
+                 classes: Sequence[str] | None, follow_links: bool) -> Source:
     if not src.exists():
         raise SourceError(f"SRC not found: {src}")
     if fmt not in FORMATS:
         raise SourceError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     fmt = detect_format(src, str(val_labels) if val_labels else None) if fmt == "auto" else fmt
     if fmt == "imagefolder":
-        return open_imagefolder(src)
+        return open_imagefolder(src, follow_links)
     if fmt == "tar":
         return open_tar(src, tar_subdir)
     if fmt == "imagenet-train-tar":
         return open_imagenet_train_tar(src)
     if not val_labels:
         raise SourceError("--format imagenet-val needs --val-labels FILE")
-    return open_imagenet_val(src, Path(val_labels), classes)
+    return open_imagenet_val(src, Path(val_labels), classes, follow_links)

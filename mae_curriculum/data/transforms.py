@@ -1,6 +1,6 @@
 """CPU-side decoding and augmentation of one sample, from encoded bytes to a uint8 CHW tensor.
 
-Normalisation happens on the device (see ``engine.batch``): the loader ships uint8, 4x less to copy.
+Normalisation happens on the device (``engine/inputs.py``): the loader ships uint8, 4x less to copy.
 
 A sample is processed in two parts, so that the optional GPU decode path (:mod:`.gpu_decode`) can split them
 between a worker and the main process:
@@ -41,6 +41,14 @@ except ImportError:  # pragma: no cover - a torchvision without image ops
 from torchvision.transforms import RandomResizedCrop
 
 Image.MAX_IMAGE_PIXELS = 178_956_970  # PIL's default bound; larger images are refused as decompression bombs
+MIN_PIXEL_LIMIT = 40_000_000  # the auto limit never goes below this: 8000x5000 camera photos still decode
+PIXELS_PER_OUTPUT_PIXEL = 256  # auto limit: 16x the training size on each side
+
+
+def auto_max_pixels(size: int) -> int:
+    """Largest image (w*h, read from the header) decoded for training at ``size``: decoding a PNG / WebP costs
+    time and memory in proportion (a 13000x13000 PNG of 480 KiB took 5 s and 1.6 GiB)."""
+    return max(MIN_PIXEL_LIMIT, PIXELS_PER_OUTPUT_PIXEL * size * size)
 
 
 @dataclass(frozen=True)
@@ -54,11 +62,14 @@ class AugmentConfig:
     train: bool = True  # False: resize short side to size/0.875 then centre crop
 
 
-def open_image(data: bytes) -> Image.Image:
+def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Open ``data`` (header only); ValueError if the header declares more than ``max_pixels`` pixels."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data))
-        img.size  # header parsed
+    w, h = img.size
+    if max_pixels and w * h > max_pixels:
+        raise ValueError(f"decompression bomb: {w}x{h} pixels, over the limit of {max_pixels}")
     return img
 
 
@@ -178,8 +189,9 @@ class SampleTransform:
     """bytes -> uint8 (3, size, size). Random choices come from the python/torch RNGs, which the loader seeds
     per sample from (seed, epoch, sample id): a resumed run sees the same augmentation for the same sample."""
 
-    def __init__(self, cfg: AugmentConfig):
+    def __init__(self, cfg: AugmentConfig, max_pixels: int = 0):
         self.cfg = cfg
+        self.max_pixels = max_pixels or auto_max_pixels(cfg.size)  # see auto_max_pixels
         self._ra = _randaug(cfg.randaug_magnitude, cfg.randaug_mstd) if cfg.randaug_magnitude >= 0 else None
 
     @property
@@ -226,7 +238,7 @@ class SampleTransform:
         return out
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        img = open_image(data)
+        img = open_image(data, self.max_pixels)
         p = self.params(img)
         with one_thread():
             return self.apply(img, data, p)

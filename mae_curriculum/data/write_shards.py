@@ -3,6 +3,7 @@
     python -m mae_curriculum.data.write_shards SRC OUT_DIR [--split train] [--samples-per-shard 1000]
         [--workers N] [--max-size S] [--max-pixels N] [--shuffle --seed 0] [--class-index FILE]
         [--val-labels FILE] [--tar-subdir PATH] [--format auto|imagefolder|imagenet-train-tar|imagenet-val|tar]
+        [--max-file-bytes N] [--max-inflight-bytes N] [--follow-external-links]
 
 Output (one split per OUT_DIR):
 
@@ -16,6 +17,9 @@ Output (one split per OUT_DIR):
 
 Input layouts, their detection and the image rules are described in :mod:`~mae_curriculum.data.sources` and
 :mod:`~mae_curriculum.data.imageio`. A bad file never stops the writer: it is listed in ``_report.json``.
+Bytes read before validation are bounded: only regular files of at most ``--max-file-bytes`` are read, and the
+raw bytes read but not yet validated stay under ``--max-inflight-bytes`` (plus one file). Symbolic links that
+lead outside SRC are skipped unless ``--follow-external-links``.
 """
 
 from __future__ import annotations
@@ -40,13 +44,15 @@ from typing import Callable, Iterable, Iterator, Sequence
 from tqdm import tqdm
 
 from mae_curriculum.data.imageio import DEFAULT_MAX_PIXELS, BadImage, Prepared, prepare_image
-from mae_curriculum.data.sources import FORMATS, SPLIT_NAMES, TAR_SUFFIXES, Source, SourceError, open_source
+from mae_curriculum.data.sources import (FORMATS, MAX_FILE_BYTES, SPLIT_NAMES, TAR_SUFFIXES, Source, SourceError,
+                                         open_source)
 
 IMAGE_EXTS = ("jpg", "png", "webp")
 INFO_FILE, CLASS_INDEX_FILE, REPORT_FILE = "_info.json", "class_index.json", "_report.json"
 _KEY_RE = re.compile(r"[A-Za-z0-9_\-+=@,~]{1,200}")
 _SPLIT_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 BATCH = 32  # images per task sent to a worker process
+MAX_INFLIGHT_BYTES = 256 << 20  # raw bytes read and not yet validated, over all worker tasks
 
 
 @dataclass
@@ -238,6 +244,9 @@ class ConvertOptions:
     val_labels: str | Path | None = None
     tar_subdir: str | None = None
     progress: bool = False
+    max_file_bytes: int = MAX_FILE_BYTES
+    max_inflight_bytes: int = MAX_INFLIGHT_BYTES
+    follow_external_links: bool = False
 
 
 Processed = tuple[int, "Prepared | None", "str | None"]
@@ -275,31 +284,49 @@ def process_batch(batch: list, max_size: int | None, max_pixels: int) -> list[Pr
     return out
 
 
-def _batched(items: Iterable, n: int) -> Iterator[list]:
-    batch = []
+def _raw_size(item: tuple) -> int:
+    return len(item[1] or b"")
+
+
+def _batched(items: Iterable, n: int, max_bytes: int | None = None, nbytes: Callable = _raw_size) -> Iterator[list]:
+    """Lists of ``n`` items, or fewer once they hold ``max_bytes`` (``nbytes`` per item)."""
+    batch, held = [], 0
     for item in items:
         batch.append(item)
-        if len(batch) == n:
+        held += nbytes(item) if max_bytes is not None else 0
+        if len(batch) == n or (max_bytes is not None and held >= max_bytes):
             yield batch
-            batch = []
+            batch, held = [], 0
     if batch:
         yield batch
 
 
-def ordered_map(fn: Callable[[list], list], batches: Iterable[list], workers: int) -> Iterator[list]:
-    """``map(fn, batches)`` over ``workers`` processes, in input order, with at most 2 tasks per worker queued."""
+def _batch_size(batch: list) -> int:
+    return sum(_raw_size(item) for item in batch)
+
+
+def ordered_map(fn: Callable[[list], list], batches: Iterable[list], workers: int, max_pending_bytes: int | None = None,
+                nbytes: Callable[[list], int] = _batch_size) -> Iterator[list]:
+    """``map(fn, batches)`` over ``workers`` processes, in input order, with at most 2 tasks per worker queued and,
+    with ``max_pending_bytes``, at most that many bytes (``nbytes`` per batch) in the queued tasks (at least one)."""
     if workers <= 1:
         yield from map(fn, batches)
         return
     ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     try:
         pending: deque = deque()
+        held = 0
+        limit = max_pending_bytes if max_pending_bytes is not None else float("inf")
         for b in batches:
-            pending.append(ex.submit(fn, b))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
+            size = nbytes(b) if max_pending_bytes is not None else 0
+            while pending and (len(pending) >= 2 * workers or held + size > limit):
+                future, done = pending.popleft()
+                held -= done
+                yield future.result()
+            pending.append((ex.submit(fn, b), size))
+            held += size
         while pending:
-            yield pending.popleft().result()
+            yield pending.popleft()[0].result()
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
 
@@ -359,7 +386,8 @@ def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> dict:
     """Convert the dataset at ``src`` into shards in ``out_dir``; returns the ``_report.json`` dict."""
     t0, src, out = time.time(), Path(src), Path(out_dir)
     class_index = load_class_index(opts.class_index) if opts.class_index else None
-    source = open_source(src, opts.fmt, opts.tar_subdir, opts.val_labels, class_index)
+    source = open_source(src, opts.fmt, opts.tar_subdir, opts.val_labels, class_index,
+                         follow_links=opts.follow_external_links, max_file_bytes=opts.max_file_bytes)
     classes = _resolve_classes(source, class_index, str(opts.class_index))
     split = opts.split or default_split(src, opts.tar_subdir, source.format)
     check_split(split, opts.samples_per_shard)
@@ -367,7 +395,8 @@ def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> dict:
     if opts.shuffle:
         random.Random(opts.seed).shuffle(order)
     work = partial(process_batch, max_size=opts.max_size, max_pixels=opts.max_pixels)
-    batches = ordered_map(work, _batched(source.read(order), BATCH), opts.workers)
+    per_batch = max(1, opts.max_inflight_bytes // (2 * max(1, opts.workers)))
+    batches = ordered_map(work, _batched(source.read(order), BATCH, per_batch), opts.workers, opts.max_inflight_bytes)
     results = tqdm(
         (r for b in batches for r in b), total=len(order), disable=not opts.progress, unit="img", desc=split
     )
@@ -419,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-index", help="existing class index (JSON list) to use, e.g. the train split's")
     p.add_argument("--val-labels", help="labels file of a flat ImageNet-val folder")
     p.add_argument("--tar-subdir", help="folder inside the tar whose children are the class folders")
+    p.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES,
+                   help="skip (and report) source files larger than this, unread")
+    p.add_argument("--max-inflight-bytes", type=int, default=MAX_INFLIGHT_BYTES,
+                   help="bound on raw bytes read but not yet validated (all workers together)")
+    p.add_argument("--follow-external-links", action="store_true",
+                   help="read symbolic links that lead outside SRC (skipped and reported by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -429,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fmt=a.fmt, split=a.split, name=a.name, samples_per_shard=a.samples_per_shard, workers=a.workers,
         max_size=a.max_size, max_pixels=a.max_pixels, shuffle=a.shuffle, seed=a.seed, class_index=a.class_index,
         val_labels=a.val_labels, tar_subdir=a.tar_subdir, progress=not a.no_progress,
+        max_file_bytes=a.max_file_bytes, max_inflight_bytes=a.max_inflight_bytes,
+        follow_external_links=a.follow_external_links,
     )
     try:
         convert(a.src, a.out_dir, opts)

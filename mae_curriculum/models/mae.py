@@ -11,6 +11,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
@@ -106,20 +107,13 @@ class MaskedAutoencoderViT(nn.Module):
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, L, p*p*C)."""
-        p = self.patch_size
-        n, c, _, _ = imgs.shape
-        gh, gw = self.grid_size(imgs)
-        x = imgs.reshape(n, c, gh, p, gw, p)
-        x = torch.einsum("nchpwq->nhwpqc", x)
-        return x.reshape(n, gh * gw, p * p * c)
+        self.grid_size(imgs)  # checks the size
+        return rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=self.patch_size, q=self.patch_size)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(N, L, p*p*C) -> (N, C, H, W)."""
-        p, c = self.patch_size, self.in_chans
-        gh, gw = grid
-        x = x.reshape(x.shape[0], gh, gw, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, gh * p, gw * p)
+        p = self.patch_size
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=grid[0], w=grid[1], p=p, q=p)
 
     @staticmethod
     def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
@@ -179,11 +173,18 @@ class MaskedAutoencoderViT(nn.Module):
         per_sample = (loss * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
         return (loss * mask).sum() / mask.sum().clamp_min(1.0), per_sample
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
-        """Returns (loss, per_sample_loss, pred (N, L, p*p*C), mask (N, L))."""
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
+                target: torch.Tensor | None = None):
+        """Returns (loss, per_sample_loss, pred (N, L, p*p*C), mask (N, L)).
+
+        ``target``: the images the loss target is computed from, when they differ from the input (the trainer in
+        bf16 passes the fp32 images, as the official AMP loop's target is computed from fp32 pixels while the
+        encoder sees low-precision ones); None = ``imgs``, exactly the official model."""
+        if target is not None and target.shape != imgs.shape:
+            raise ValueError(f"target {tuple(target.shape)} does not match the images {tuple(imgs.shape)}")
         latent, mask, ids_restore, grid = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore, grid)
-        loss, per_sample = self.forward_loss(imgs, pred, mask)
+        loss, per_sample = self.forward_loss(imgs if target is None else target, pred, mask)
         return loss, per_sample, pred, mask
 
     def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

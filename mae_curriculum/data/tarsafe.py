@@ -1,0 +1,115 @@
+"""Reading tar archives that may be hostile: bounded, seekable, never stuck.
+
+Shared by the loader (shards), the shard index (counting samples) and the writer's tar sources. Three guards
+around Python's :mod:`tarfile`:
+
+* seekable mode only (``"r:"``) over a local file or a decompressor. Streaming mode (``"r|*"``) skips a member
+  by reading it block by block without checking for the end of the data: a PAX header declaring 10^15 bytes
+  kept it busy for hours. A seek stops at the end of the file (a decompressor's too).
+* :func:`members` checks that every member ends inside the archive when its size is known
+  (``offset_data + size <= size``), so a caller reads a member with one bounded ``read``.
+* tarfile's own reads (headers, PAX records, GNU long names) go through :class:`_HeaderView`, which refuses a
+  header extension over ``MAX_HEADER_BYTES`` and PAX records whose ``=`` lies outside the record: CPython before
+  3.11.10 / 3.12.6 parses those with a regex that backtracks over the rest of the header (CVE-2024-6232;
+  quadratic: a 256 KiB header took 17 s here).
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import os
+import tarfile
+from typing import BinaryIO, Iterator
+
+BLOCK = tarfile.BLOCKSIZE
+MAX_HEADER_BYTES = 1 << 20  # PAX records / GNU long names of one member (real ones are well under 64 KiB)
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+class TarLimitError(tarfile.ReadError):
+    """The archive breaks a bound (a member past its end, a huge or malformed header): the rest is not read."""
+
+
+def compression_of(head: bytes) -> str | None:
+    """The compression named by a file's first bytes (``"gzip"``, ``"bzip2"``, ``"xz"``, ``"zstd"``), or None."""
+    return next((name for magic, name in COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
+
+
+def compression(path: str | os.PathLike) -> str | None:
+    """The compression of the file at ``path`` (see :func:`compression_of`)."""
+    with open(path, "rb") as f:
+        return compression_of(f.read(6))
+
+
+def open_archive(path: str | os.PathLike) -> tuple[BinaryIO, int | None]:
+    """Open a plain or gzip / bzip2 / xz compressed tar: (file object, size in bytes or None if compressed)."""
+    kind = compression(path)
+    if kind is None:
+        f = open(path, "rb")
+        return f, os.fstat(f.fileno()).st_size
+    opener = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}.get(kind)
+    if opener is None:
+        raise tarfile.ReadError(f"{kind}-compressed archives are not supported")
+    return opener(path, "rb"), None
+
+
+def pax_records_ok(buf: bytes) -> bool:
+    """Whether ``buf`` is a sequence of PAX records ``"<length> <key>=<value>\\n"`` (NUL padding after)."""
+    pos = 0
+    while pos < len(buf) and buf[pos] != 0:
+        space = buf.find(b" ", pos, pos + 20)
+        if space <= pos or not buf[pos:space].isdigit():
+            return False
+        end = pos + int(buf[pos:space])
+        if end > len(buf) or buf.find(b"=", space + 2, end) < 0:
+            return False
+        pos = end
+    return True
+
+
+class _HeaderView:
+    """``f[start:start + size]`` as a file for tarfile, whose reads are all header reads: a data member is never
+    read through it (callers seek the real file). Reads stop at ``size``; see the module docstring."""
+
+    def __init__(self, f: BinaryIO, start: int, size: int | None):
+        self.f, self.start, self.size = f, start, size
+        self._header = b""
+
+    def tell(self) -> int:
+        return self.f.tell() - self.start
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET:
+            raise OSError("only absolute seeks")
+        return self.f.seek(self.start + pos) - self.start
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > BLOCK + MAX_HEADER_BYTES:
+            raise TarLimitError(f"a tar header extension of {n} bytes (over {MAX_HEADER_BYTES})")
+        if self.size is not None:
+            n = max(0, min(n, self.size - self.tell()))
+        data = self.f.read(n)
+        if n == BLOCK:
+            self._header = data
+        elif n > BLOCK and self._header[156:157] in (b"x", b"g") and not pax_records_ok(data):
+            raise TarLimitError("a malformed PAX header")
+        return data
+
+
+def members(f: BinaryIO, start: int = 0, size: int | None = None) -> Iterator[tarfile.TarInfo]:
+    """The members of the tar at ``f[start:start + size]`` (``size`` None: up to the end of a stream), in order,
+    with offsets relative to ``start``. Raises :class:`tarfile.TarError` when the rest cannot be read, e.g.
+    :class:`TarLimitError` for a member that would end past ``size``."""
+    tf = tarfile.open(fileobj=_HeaderView(f, start, size), mode="r:")
+    while (m := tf.next()) is not None:
+        tf.members = []  # constant memory over millions of members
+        skips_data = tf.offset > m.offset_data  # tarfile steps over this member's data to the next header
+        if size is not None and skips_data and m.offset_data + m.size > size:
+            raise TarLimitError(f"member {m.name!r} declares {m.size} bytes, past the end of the archive")
+        yield m
+
+
+__all__ = ["MAX_HEADER_BYTES", "TarLimitError", "compression", "compression_of", "members", "open_archive",
+           "pax_records_ok"]
