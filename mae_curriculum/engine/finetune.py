@@ -216,20 +216,7 @@ class FinetuneRun(RunLifecycle):
             self.engine.step()
         return StepResult(loss.detach(), agreed)
 
-    # ---------------------------------------------------------------- the loop
-    def run(self) -> int:
-        c = self.counters
-        while not self.budget.done(c, self.cfg.train.max_steps):
-            why = self.run_epoch()
-            if why == "preempted":
-                self.metrics.close()
-                return self.preempted()
-            if why == "epoch_end":
-                self.end_epoch()
-        self.metrics.close()
-        self.write_outputs()
-        return self.finished()
-
+    # ---------------------------------------------------------------- the loop (RunLifecycle.run drives it)
     def run_epoch(self) -> str:
         """Train to the end of the epoch; returns why it stopped: epoch_end, finished, rollback or preempted."""
         c = self.counters
@@ -237,13 +224,10 @@ class FinetuneRun(RunLifecycle):
             stage = self.schedule.stage_at(c.progress)
             c.micro_step += 1
             res = self.train_step(x, y, stage)
-            verdict = self.nonfinite.observe(res.agreed.nonfinite, c.micro_step)
+            verdict = self.handle_nonfinite(res.agreed.nonfinite)  # skip, or roll back after several
             if verdict == "rollback":
-                self.rollback()
                 return "rollback"
             if verdict == "skip":
-                c.nonfinite_skips += 1
-                self.tb.add({"faults/nonfinite_skips": c.nonfinite_skips}, c.step)
                 continue
             self.metrics.add_loss(res.loss)
             if not self.accum.completed():

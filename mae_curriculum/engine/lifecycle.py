@@ -129,7 +129,35 @@ class RunLifecycle:
         self.write_status("running")
         self.stop.install()
 
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        """Epochs until the budget is spent (the engine's ``run_epoch`` says why each one stopped), then the
+        final outputs; exit status 0, or 75 after a preemption checkpoint."""
+        c = self.counters
+        while not self.budget.done(c, self.cfg.train.max_steps):
+            why = self.run_epoch()
+            if why == "preempted":
+                self.metrics.close()
+                return self.preempted()
+            if why == "epoch_end":
+                self.end_epoch()
+        self.metrics.close()
+        self.write_outputs()
+        return self.finished()
+
     # ------------------------------------------------------------------ during
+    def handle_nonfinite(self, nonfinite: bool) -> str:
+        """Apply the non-finite policy to a micro-step the ranks agreed on: "ok", "skip" (counted) or "rollback"
+        (done: the run is back at the newest complete checkpoint)."""
+        c = self.counters
+        verdict = self.nonfinite.observe(nonfinite, c.micro_step)
+        if verdict == "skip":
+            c.nonfinite_skips += 1
+            self.tb.add({"faults/nonfinite_skips": c.nonfinite_skips}, c.step)
+        elif verdict == "rollback":
+            self.rollback()
+        return verdict
+
     def agree(self, loss: torch.Tensor) -> Agreement:
         """The one collective (and host sync) of a micro-step: non-finite loss, stop signal, timed save."""
         flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()),
@@ -198,6 +226,16 @@ class RunLifecycle:
         raise NotImplementedError
 
     def restore(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def run_epoch(self) -> str:
+        """Train to the end of the epoch; returns epoch_end, finished, rollback or preempted."""
+        raise NotImplementedError
+
+    def end_epoch(self) -> None:
+        raise NotImplementedError
+
+    def write_outputs(self) -> None:
         raise NotImplementedError
 
     def status_extra(self) -> dict:
