@@ -12,8 +12,8 @@ Loading is safe for checkpoints from elsewhere (a shared output folder, a copied
   sizes (JSON side files such as ``run_state.json`` excepted), and each file's sha256 is checked just before
   that file is read. This catches corrupt, truncated, swapped or planted files (integrity); it is no
   signature: whoever can write the folder can also rewrite the manifest.
-- Hence, second and independent: nothing is unpickled. DeepSpeed's own loader calls ``torch.load(...,
-  weights_only=False)``; during :func:`load` its checkpoint engine is replaced by one whose ``load`` uses
+- Hence, second and independent: nothing is unpickled. DeepSpeed's own loader calls ``torch.load`` with
+  ``weights_only=False``; during :func:`load` its checkpoint engine is replaced by one whose ``load`` uses
   ``weights_only=True``, allowing only tensors, plain containers and scalars, plus the few plain record types
   DeepSpeed pickles into its optimizer files (:func:`_deepspeed_safe_globals`). A planted pickle that would
   run code is refused with a one-line :class:`CheckpointError`, manifest forged or not.
@@ -228,7 +228,7 @@ def load(engine, path: Path) -> dict:
     if files is None:
         log.warning("checkpoint %s has no manifest (written before checkpoints carried one): its files are not "
                     "verified; they are still read with weights_only=True (the next checkpoint saved has one)", path)
-    if engine.load_universal_checkpoint():  # that path calls torch.load(weights_only=False) directly
+    if engine.load_universal_checkpoint():  # that path unpickles with weights_only=False directly
         raise CheckpointError("DeepSpeed universal checkpoints are not supported: they bypass the safe loader")
     real = engine.checkpoint_engine
     engine.checkpoint_engine = _SafeLoads(real, path, files)
