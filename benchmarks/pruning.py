@@ -124,7 +124,7 @@ def main() -> None:
                      "epochs": final["epoch"], "steps": final["step"]})
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]
-    print(f"\n| method | epochs | images streamed | compute vs unpruned | process wall s | final loss | linear-probe top-1 |")
+    print("\n| method | epochs | images streamed | compute vs unpruned | process wall s | final loss | linear-probe top-1 |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['epochs']} | {r['images']} ({r['images'] / base['images']:.2f}x) | "

@@ -111,35 +111,48 @@ def describe(sc: StepConfig) -> str:
     return ", ".join(parts)
 
 
-def run_engine_mode(a, cfg: dict, sizes: list[int], dev: torch.device) -> tuple[list[dict], dict]:
+def run_engine_mode(a, cfg: dict, sizes: list[int], dev: torch.device, compile: bool = False,
+                    trainer=None) -> tuple[list[dict], dict]:
+    """Rows of the ``engine`` mode (``compile``: ``train.compile``, DeepSpeed's ``engine.compile``, mode name
+    ``engine_compiled``); ``trainer``: an EngineTrainer to reuse (left open), else one is made and closed."""
     import tempfile
 
     from common import EngineTrainer
 
     final = cfg["img_size"]
+    mode = "engine_compiled" if compile else "engine"
     with tempfile.TemporaryDirectory() as tmp:
-        tr = EngineTrainer(cfg, a.batch_at_224, Path(tmp))
-        info = {"mode": "engine", "description": "PretrainRun.train_step (DeepSpeed, precision auto, eager)",
+        tr = trainer or EngineTrainer(cfg, a.batch_at_224, Path(tmp), compile=compile)
+        info = {"mode": mode, "description": f"PretrainRun.train_step (DeepSpeed, precision auto, "
+                                             f"{'train.compile' if compile else 'eager'})",
                 "sdpa": fused_attention_report(tr.model)}
         x = torch.randint(0, 256, (a.batch_at_224, 3, final, final), dtype=torch.uint8)
         rows = []
         for b in sizes:
+            before = _dynamo_counts()
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
             t = time_steps(lambda: tr.step(x, b), dev, a.warmup, a.iters, a.repeats)
+            after = _dynamo_counts()
             f = flops_per_image(cfg, b)
             step_s = t[f"{a.stat}_s"]
             ips = a.batch_at_224 / step_s
-            rows.append({"mode": "engine", "size": b, "batch": a.batch_at_224, "step_s": step_s, "step_ms": step_s * 1e3,
+            rows.append({"mode": mode, "size": b, "batch": a.batch_at_224, "step_s": step_s, "step_ms": step_s * 1e3,
                          "stat": a.stat, "step_median_s": t["median_s"], "step_min_s": t["min_s"],
                          "blocks_s": t["blocks_s"], "first_step_s": t["first_call_s"], "images_per_s": ips,
                          "flops_per_image": f, "gflops_per_image": f / 1e9, "achieved_tflops": ips * f / 1e12,
                          "achieved_gflops": ips * f / 1e9,
                          "mfu": (ips * f / 1e12 / a.peak_tflops) if dev.type == "cuda" else None,
-                         "graphs_compiled": 0, "graph_breaks": 0})
+                         "graphs_compiled": after["graphs"] - before["graphs"],
+                         "graph_breaks": after["graph_breaks"] - before["graph_breaks"]})
+            if dev.type == "cuda":
+                rows[-1]["max_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
         sync(dev)
         info["loss_finite"] = bool(torch.isfinite(tr.loss_sum).item())
-        tr.close()
+        if trainer is None:
+            tr.close()
     _scaling(rows, final)
-    info["recompiles_total"] = 0
+    info["recompiles_total"] = sum(r["graphs_compiled"] for r in rows)
     return rows, info
 
 
@@ -193,7 +206,7 @@ def run_mode(mode: str, a, cfg: dict, sizes: list[int], dev: torch.device) -> tu
     info["loss_finite"] = bool(torch.isfinite(torch.tensor(check)))
     _scaling(rows, final)
     info["recompiles_total"] = sum(r["graphs_compiled"] for r in rows)
-    del tr
+    tr = None  # frees the model before the next mode (a `del` confuses pyflakes about the lambda above)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return rows, info

@@ -68,6 +68,7 @@ DEFAULT_BUDGETS = "4,2,1"
 MIN_GRID = 4  # patches per side at the smallest curriculum stage
 RESULT_NAME = "time_to_accuracy"
 STAGES = ("pretrain", "linprobe", "finetune")
+SUSPENDED_S = 120.0  # a step-to-step interval longer than this (and 20x the median): the process was suspended
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -388,7 +389,9 @@ def run_cell(a, model: dict[str, Any], cell: Cell) -> bool:
 def loop_seconds(tb_dir: Path) -> tuple[float, int] | None:
     """Training-loop wall time of a pre-training from its per-step TensorBoard events (``log.every_steps=1``):
     per process (events file), the sum of step-to-step intervals plus the first step counted as the median
-    interval; summed over processes (a resumed run also counts the steps it re-did). Returns (seconds, events)."""
+    interval; summed over processes (a resumed run also counts the steps it re-did). An interval over
+    ``SUSPENDED_S`` and over 20x the median (the process was stopped, e.g. SIGSTOP / a suspended job) counts as the
+    median. Returns (seconds, events)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     total, n = 0.0, 0
@@ -402,7 +405,8 @@ def loop_seconds(tb_dir: Path) -> tuple[float, int] | None:
         if len(ev) < 2:
             continue
         gaps = [b.wall_time - a.wall_time for a, b in zip(ev, ev[1:])]
-        total += sum(gaps) + statistics.median(gaps)
+        med = statistics.median(gaps)
+        total += sum(med if g > max(SUSPENDED_S, 20 * med) else g for g in gaps) + med
     return (total, n) if n else None
 
 

@@ -14,7 +14,8 @@ worker's stream), ``log.every_steps`` >= 1, ``data.num_workers`` <= max(32, 4 x 
 
 The sections shared with fine-tuning (:mod:`mae_curriculum.config_finetune`) are the base classes
 ``DataConfig``, ``CurriculumConfig``, ``LogConfig``; pre-training's ``Pretrain*`` subclasses add the keys only
-pre-training reads (``data.synthetic_*``, ``curriculum.grow_micro_batch``, ``log.vis_*``).
+pre-training reads (``data.synthetic_*``, ``log.vis_*``) and ``curriculum.grow_micro_batch`` (off by default there;
+fine-tuning has its own, on by default).
 
 ``output_dir`` (see :func:`check_output_dir_rule`) may be any folder of the user's except the filesystem root,
 the home or current folder itself, a shared top-level folder itself (``/home``, ``/tmp``, ``/var``, ``/mnt``,
@@ -41,6 +42,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from mae_curriculum.curriculum.schedule import ACCOUNTING_MODES, SCHEDULE_NAMES
+from mae_curriculum.data.remote import check_location, is_remote
 
 MAX_MESSAGE_CHARS = 1000  # a ConfigError message never exceeds this (one line)
 MAX_CONFIG_BYTES = 1 << 20  # a config file larger than 1 MiB is refused unread
@@ -80,6 +82,7 @@ ScheduleName = Literal[SCHEDULE_NAMES]  # type: ignore[valid-type]  # the names 
 AccountingMode = Literal[ACCOUNTING_MODES]  # type: ignore[valid-type]  # "epochs" | "compute"
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DecodeDevice = Literal["cpu", "gpu"]
+LowpassOperator = Literal["fourier", "lanczos"]
 ZeroStage = Literal[0, 1, 2, 3]
 
 
@@ -106,8 +109,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: str = "data/demo/train"  # a folder with *.tar + _info.json
+    train_shards: str = "data/demo/train"  # a folder with *.tar + _info.json, or s3:// gs:// http(s):// with one
     val_shards: str = ""  # optional; used for the reconstruction grid / evaluation
+    cache_dir: str = ""  # remote shards: a local read-through cache folder (downloaded once, read locally); "" = off
     num_workers: int = 2
     shuffle_buffer: int = 1000
     crop_scale_min: float = 0.2
@@ -158,6 +162,11 @@ class CurriculumConfig:
     stages: list[dict] = field(default_factory=list)  # for "custom": [{size, fraction, magnitude}]
     accounting: AccountingMode = "compute"  # for "custom": compute | epochs
     max_magnitude: float = 9.0
+    # the low-pass operator that takes an image to the stage's B: "fourier" = the exact central BxB of the
+    # spectrum on the device (EfficientTrain v1); "lanczos" = EfficientTrain++'s released code: after the crop,
+    # flip and RandAugment the loader's workers resize to B with PIL Lanczos (batches arrive at B; data.decode cpu;
+    # about half a worker's images/s: docs/benchmarks.md)
+    lowpass: LowpassOperator = "fourier"
 
 
 @dataclass
@@ -192,6 +201,10 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps (0 = run the whole budget); for tests/debugging
     compile: bool = False
     nan_skip_limit: int = 5  # consecutive non-finite steps before rolling back to the last checkpoint
+    # seconds any collective (rendezvous included) may wait for the other ranks before this rank gives up and exits
+    # 75 (requeue): bounds the hang when a node dies. Must exceed the longest time one rank works alone while the
+    # others wait (writing a checkpoint, a first torch.compile); torch's own default is 1800 s for gloo
+    dist_timeout_s: float = 600.0
 
 
 @dataclass
@@ -454,6 +467,7 @@ MAX_DEPTH = 256  # blocks
 MAX_IN_CHANS = 64
 MAX_BATCH = 65536  # train.batch_size (per device), eval.batch_size, train.grad_accum
 MAX_EPOCHS = 100_000
+MIN_DIST_TIMEOUT_S, MAX_DIST_TIMEOUT_S = 5.0, 86400.0  # train.dist_timeout_s
 MAX_SHUFFLE_BUFFER = 100_000  # samples (raw image bytes) held per loader worker
 MAX_WORKERS = 256  # data.num_workers, and at most max(32, 4 x the CPUs this process may use)
 MAX_SEED = 2**32 - 1  # numpy's global seed range
@@ -580,6 +594,7 @@ def validate_train(t: TrainConfig) -> None:
     _range(t, "train", "seed", 0, MAX_SEED)
     _check(t.max_steps >= 0, f"train.max_steps must be >= 0; got {t.max_steps}")
     _check(t.nan_skip_limit >= 1, f"train.nan_skip_limit must be >= 1; got {t.nan_skip_limit}")
+    _range(t, "train", "dist_timeout_s", MIN_DIST_TIMEOUT_S, MAX_DIST_TIMEOUT_S)
 
 
 def validate_data(d: DataConfig, in_chans: int | None = None) -> None:
@@ -588,8 +603,10 @@ def validate_data(d: DataConfig, in_chans: int | None = None) -> None:
     for k in ("train_shards", "val_shards"):
         v = getattr(d, k)
         check_path_text(v, f"data.{k}")
-        _check("pipe:" not in v and "://" not in v,
-               f"data.{k}: only local folders are accepted (no 'pipe:' commands or URLs); got {_show(v)}")
+        why = check_location(v, f"data.{k}")
+        _check(why is None, why or "")
+    check_path_text(d.cache_dir, "data.cache_dir")
+    _check(not is_remote(d.cache_dir), f"data.cache_dir must be a local folder; got {_show(d.cache_dir)}")
     _range(d, "data", "num_workers", 0, max_workers())
     _range(d, "data", "shuffle_buffer", 1, MAX_SHUFFLE_BUFFER)
     _range(d, "data", "max_image_pixels", 0, 2**40)
@@ -611,10 +628,10 @@ def validate_data(d: DataConfig, in_chans: int | None = None) -> None:
 
 def check_shards_path(d: DataConfig) -> None:
     """Shard folders must exist (unless pre-training generates the demo data set on first use)."""
-    synthetic = getattr(d, "synthetic_if_missing", False)
-    if not synthetic and not Path(d.train_shards).is_dir():
+    synthetic = getattr(d, "synthetic_if_missing", False) and not is_remote(d.train_shards)
+    if not synthetic and not is_remote(d.train_shards) and not Path(d.train_shards).is_dir():
         raise ConfigError(f"data.train_shards: folder not found: {d.train_shards}")
-    if d.val_shards and not synthetic and not Path(d.val_shards).is_dir():
+    if d.val_shards and not synthetic and not is_remote(d.val_shards) and not Path(d.val_shards).is_dir():
         raise ConfigError(f"data.val_shards: folder not found: {d.val_shards}")
 
 
@@ -643,6 +660,13 @@ def validate_curriculum(c: CurriculumConfig, final_size: int, patch_size: int) -
         raise ConfigError(f"curriculum: {e}") from None
 
 
+def check_lowpass(c: CurriculumConfig, d: DataConfig) -> None:
+    """Combinations of ``curriculum.lowpass`` with the data path that cannot run."""
+    _check(not (c.lowpass == "lanczos" and d.decode != "cpu"),
+           "curriculum.lowpass: lanczos resizes in the CPU loader workers (PIL); it needs data.decode: cpu "
+           f"(got {d.decode})")
+
+
 def validate_pruning(p: PruningConfig) -> None:
     _check(p.method in ("none", "infobatch", "seta"), f"pruning.method must be none, infobatch or seta; got {p.method!r}")
     _check(p.ratio == -1 or 0 <= p.ratio < 1,
@@ -663,6 +687,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     validate_log(cfg.log)
     validate_pruning(cfg.pruning)
     validate_curriculum(cfg.curriculum, cfg.model.img_size, cfg.model.patch_size)
+    check_lowpass(cfg.curriculum, cfg.data)
 
 
 _VALIDATORS: dict[type, Any] = {PretrainConfig: validate_pretrain}

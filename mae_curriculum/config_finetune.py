@@ -2,8 +2,9 @@
 
 Reuses the sections of :mod:`mae_curriculum.config` where they mean the same thing (data, curriculum, train,
 checkpoint, log) and adds the fine-tuning ones. The shared sections are the base classes without the
-pre-training-only keys (``data.synthetic_*``, ``log.vis_*``, ``curriculum.grow_micro_batch`` live in the
-``Pretrain*`` subclasses), so a fine-tune config that sets one fails with the usual ``unknown key`` line.
+pre-training-only keys (``data.synthetic_*``, ``log.vis_*`` live in the ``Pretrain*`` subclasses), so a
+fine-tune config that sets one fails with the usual ``unknown key`` line. ``curriculum.grow_micro_batch`` exists in
+both, off by default in pre-training (``PretrainCurriculumConfig``) and on here (``FTCurriculumConfig``).
 Loaded with ``load_config(FinetuneConfig, path, overrides)``; every problem is a one-line
 :class:`~mae_curriculum.config.ConfigError` (exit status 2), and the values get the same bounds as in
 pre-training (batch size, workers, shuffle buffer, image size, ``output_dir``, ...).
@@ -30,9 +31,9 @@ from typing import Literal
 
 from mae_curriculum.config import (MAX_BATCH, MAX_DEPTH, MAX_IN_CHANS, CheckpointConfig, ConfigError,
                                    CurriculumConfig, DataConfig, LogConfig, OptimConfig, TrainConfig, check_heads,
-                                   check_image_grid, check_output_dir_rule, check_path_text, check_shards_path,
-                                   register_validator, validate_checkpoint, validate_curriculum, validate_data,
-                                   validate_log, validate_optim, validate_train)
+                                   check_image_grid, check_lowpass, check_output_dir_rule, check_path_text,
+                                   check_shards_path, register_validator, validate_checkpoint, validate_curriculum,
+                                   validate_data, validate_log, validate_optim, validate_train)
 
 MAX_CLASSES = 1_000_000
 
@@ -55,6 +56,9 @@ class FTModelConfig:
     num_classes: int = 0  # 0 = from the train shards' _info.json
     global_pool: GlobalPool = "avg"  # "vit" only: avg + fc_norm (MAE fine-tune) | cls token + norm
     drop_path: float = 0.1
+    # > 0: the drop-path rate used is drop_path x train.epochs / drop_path_ref_epochs (EfficientTrain++'s rule,
+    # ref 200: e.g. DeiT-S 0.1 at a 200-epoch budget, 0.15 at 300); 0 = drop_path as given
+    drop_path_ref_epochs: float = 0.0
     head_init_std: float = 2e-5  # MAE fine-tune; linear probe uses 0.01
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (img_size, strict_img_size, ...)
 
@@ -102,9 +106,23 @@ class FTTrainConfig(TrainConfig):
 
 
 @dataclass
+class FTCurriculumConfig(CurriculumConfig):
+    """``curriculum`` of fine-tuning / supervised training: the shared fields plus micro-batch growth, on by default
+    here (EfficientTrain++ raises the per-GPU batch at low B with fewer accumulation steps, global batch kept; it
+    takes effect when ``train.grad_accum`` > 1: a stage at B merges the largest divisor of grad_accum not above
+    (final/B)^2 loader batches into one micro-batch)."""
+
+    grow_micro_batch: bool = True
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 0  # per rank; 0 = train.batch_size
     every_epochs: int = 1  # evaluate (and keep the best weights) every N epochs; the last epoch always
+    # true: evaluate at the size of the stage the model is at (the validation centre crop low-passed to B, the
+    # model as it trains; EfficientTrain++'s code evaluates each stage at its input size); false: always at
+    # model.img_size (a ViT interpolates its pos-embed, a Swin runs at the final window for the evaluation)
+    at_stage_size: bool = False
 
 
 @dataclass
@@ -127,7 +145,7 @@ class FinetuneConfig:
     data: FTDataConfig = field(default_factory=FTDataConfig)
     augment: AugmentSection = field(default_factory=AugmentSection)
     optim: FTOptimConfig = field(default_factory=FTOptimConfig)
-    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    curriculum: FTCurriculumConfig = field(default_factory=FTCurriculumConfig)
     train: FTTrainConfig = field(default_factory=FTTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
@@ -145,6 +163,13 @@ def uses_mixup(cfg: FinetuneConfig) -> bool:
     return cfg.mode != "linprobe" and (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0) and cfg.augment.mixup_prob > 0
 
 
+def effective_drop_path(cfg: FinetuneConfig) -> float:
+    """The drop-path rate the model is built with: ``model.drop_path``, scaled by ``train.epochs /
+    model.drop_path_ref_epochs`` when that is set (EfficientTrain++)."""
+    m = cfg.model
+    return m.drop_path * cfg.train.epochs / m.drop_path_ref_epochs if m.drop_path_ref_epochs > 0 else m.drop_path
+
+
 def validate_finetune(cfg: FinetuneConfig) -> None:
     check_output_dir_rule(cfg.output_dir)
     m, a, o = cfg.model, cfg.augment, cfg.optim
@@ -159,6 +184,11 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"mode {cfg.mode} loads an MAE encoder: model.name must be 'vit' (got {m.name!r})")
     _check(0 <= m.num_classes <= MAX_CLASSES, f"model.num_classes must be in [0, {MAX_CLASSES}]; got {m.num_classes}")
     _check(0 <= m.drop_path < 1, f"model.drop_path must be in [0, 1); got {m.drop_path}")
+    _check(m.drop_path_ref_epochs >= 0,
+           f"model.drop_path_ref_epochs must be >= 0 (0 = off); got {m.drop_path_ref_epochs}")
+    _check(effective_drop_path(cfg) < 1,
+           f"model.drop_path x train.epochs / model.drop_path_ref_epochs = {m.drop_path} x {cfg.train.epochs} / "
+           f"{m.drop_path_ref_epochs} = {effective_drop_path(cfg):g} must be < 1")
     _check(m.head_init_std > 0, f"model.head_init_std must be > 0; got {m.head_init_std}")
     if cfg.mode == "supervised":
         _check(cfg.finetune.pretrained == "",
@@ -187,6 +217,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     validate_checkpoint(cfg.checkpoint)
     validate_log(cfg.log)
     validate_curriculum(cfg.curriculum, m.img_size, m.patch_size)
+    check_lowpass(cfg.curriculum, cfg.data)
     _check(0 <= cfg.eval.batch_size <= MAX_BATCH,
            f"eval.batch_size must be in [0, {MAX_BATCH}] (0 = train.batch_size); got {cfg.eval.batch_size}")
     _check(cfg.eval.every_epochs >= 1, f"eval.every_epochs must be >= 1; got {cfg.eval.every_epochs}")

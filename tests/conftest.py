@@ -73,12 +73,24 @@ def deepspeed_launcher(port: int) -> list[str]:
 TWO_RANK = ["train.epochs=2", "curriculum.schedule=efficienttrain++", "checkpoint.every_steps=4"]
 
 
+def session_root(tmp_path_factory) -> Path:
+    """A folder shared by the whole test session: with pytest-xdist (``-n 2``) its workers share it."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def two_rank_reference(tmp_path_factory, demo_data) -> Path:
-    """An uninterrupted 2-rank ``deepspeed --num_gpus 2`` run, shared by the tests that compare with it."""
-    out = tmp_path_factory.mktemp("two_rank_ref") / "run"
-    r = run(pretrain_cmd(out, demo_data, *TWO_RANK, launcher=deepspeed_launcher(29561)), timeout=400)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    """An uninterrupted 2-rank ``deepspeed --num_gpus 2`` run, shared by the tests that compare with it (made
+    once per test session, also when pytest-xdist workers both need it)."""
+    from filelock import FileLock
+
+    root = session_root(tmp_path_factory)
+    out = root / "two_rank_ref" / "run"
+    with FileLock(str(root / "two_rank_ref.lock")):
+        if not (out / "final.json").is_file():
+            r = run(pretrain_cmd(out, demo_data, *TWO_RANK, launcher=deepspeed_launcher(29561)), timeout=400)
+            assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     return out
 
 

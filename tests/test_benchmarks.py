@@ -111,3 +111,48 @@ def test_data_capacity_quick(tmp_path):
     assert sum(s["compute_share"] for s in res["stages"]) == pytest.approx(1.0)
     assert [s["crop_size"] for s in res["by_path"]["exact"]["stages"]] == [224, 224, 224]
     assert res["inflation"] >= 1.0 and _positive(res["inflation"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any((SHARED_DATA / n).is_file() for n in ("imagewoof2-320-subset.tar.gz",
+                                                                  "imagenette2-224.tar.gz")),
+                    reason="needs the imagewoof or Imagenette archive in ../shared/data")
+def test_gpu_suite_quick(tmp_path):
+    """The GPU check's code paths on a CPU: model (eager engine step + Fourier-crop share), real loader + model for
+    the three loader paths, GPU decode (CPU stand-in), pretrain.py / finetune.py through a stage change, a
+    checkpoint and a resume; CUDA-only figures null and listed as skipped; JSON + markdown written."""
+    res = _bench("gpu_suite", tmp_path, "--cache", str(tmp_path / "cache"))
+    _check_env(res)
+    assert res["benchmark"] == "gpu_suite" and res["settings"]["quick"] and "errors" not in res
+    sizes = res["settings"]["sizes"]
+    assert len(sizes) >= 2
+    rows = res["model"]["eager"]["rows"]
+    assert [r["size"] for r in rows] == sizes and all(_positive(r["images_per_s"]) for r in rows)
+    assert all(0 <= r["crop_share"] < 1 for r in rows) and rows[-1]["crop_share"] == 0  # no crop at the final size
+    from mae_curriculum.data.loader import stage_crop_size
+
+    final, patch = max(sizes), res["settings"]["patch_size"]
+    assert set(res["loader"]["paths"]) == {"exact", "stage_sized", "lanczos"}
+    for path, p in res["loader"]["paths"].items():
+        for r in p["rows"]:
+            assert 0 <= r["wait_share"] < 1 and _positive(r["loader_only_img_s"]) and _positive(r["cores_needed"])
+            b = r["size"]
+            assert r["loader_output"] == {"exact": final, "stage_sized": stage_crop_size(b, final, patch),
+                                          "lanczos": b}[path]
+        assert p["inflation_at_workers"] >= 1.0
+    assert all(_positive(r["img_s"]) for r in res["decode"]["rows"]) and res["decode"]["cpu_stand_in"]
+    for script in ("pretrain", "finetune"):
+        s = res["scripts"][script]
+        assert s["ok"], s
+        assert s["runs"][1]["resumed"] and len(s["sizes"]) >= 2  # the resumed run crossed the stage change
+    if not torch_cuda():
+        assert {"model.compiled", "model.mfu", "decode.nvjpeg"} <= set(res["skipped"])
+        assert all(r["mfu"] is None for r in rows) and "compiled" not in res["model"]
+    md = (tmp_path / "gpu_suite.md").read_text()
+    assert "| B | eager img/s" in md and "PASS" in md and "FAIL" not in md
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

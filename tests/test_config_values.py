@@ -191,7 +191,7 @@ def all_fields(cls, prefix=""):
             yield f"{prefix}{f.name}", tp
 
 
-FREE_TEXT = {"output_dir", "data.train_shards", "data.val_shards", "finetune.pretrained",
+FREE_TEXT = {"output_dir", "data.train_shards", "data.val_shards", "data.cache_dir", "finetune.pretrained",
              "model.name"}  # "vit" or any timm model name
 
 
@@ -215,7 +215,7 @@ def test_finetune_enums_checked_by_the_loader(ft_base):
 
 # ------------------------------------------------------------------------------- fine-tune sections
 PRETRAIN_ONLY = {"data": ["synthetic_if_missing", "synthetic_train_size", "synthetic_val_size", "synthetic_image_size"],
-                 "log": ["vis_every_epochs", "vis_num_images"], "curriculum": ["grow_micro_batch"]}
+                 "log": ["vis_every_epochs", "vis_num_images"]}
 
 
 @pytest.mark.parametrize("key", [f"{s}.{k}" for s, ks in PRETRAIN_ONLY.items() for k in ks])
@@ -236,7 +236,7 @@ def test_finetune_keeps_shared_keys(ft_base):
                        "log.progress_bar=false"])
     assert (cfg.checkpoint.every_minutes, cfg.data.decode, cfg.log.every_steps) == (5.0, "gpu", 3)
     assert not hasattr(cfg.data, "synthetic_if_missing") and not hasattr(cfg.log, "vis_every_epochs")
-    assert not hasattr(cfg.curriculum, "grow_micro_batch")
+    assert cfg.curriculum.grow_micro_batch is True  # fine-tuning's own, on by default (pre-training: off)
     assert cfg.data.crop_scale_min == 0.35  # the config's value; FTDataConfig's default is 0.08
 
 

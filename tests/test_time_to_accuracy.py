@@ -233,7 +233,8 @@ def test_train_step_feeds_the_engine_bf16_images_and_the_fp32_target():
         seen.update(x=x, target=target)
         raise _Forwarded
 
-    cfg = SimpleNamespace(model=SimpleNamespace(patch_size=8, mask_ratio=0.75))
+    cfg = SimpleNamespace(model=SimpleNamespace(patch_size=8, mask_ratio=0.75),
+                          curriculum=SimpleNamespace(lowpass="fourier"))
     fake = SimpleNamespace(cfg=cfg, dtype=torch.bfloat16, dev=torch.device("cpu"), engine=engine,
                            mean=torch.zeros(1, 3, 1, 1), std=torch.ones(1, 3, 1, 1),
                            prepare_grid=lambda size: None, masking_noise=lambda keys, n: torch.rand(2, n))
@@ -244,3 +245,19 @@ def test_train_step_feeds_the_engine_bf16_images_and_the_fp32_target():
     assert seen["x"].dtype == torch.bfloat16 and seen["target"].dtype == torch.float32
     assert torch.equal(seen["target"], images.float() / 255.0)
     assert torch.equal(seen["x"], seen["target"].to(torch.bfloat16))
+
+
+def test_loop_seconds_sums_step_intervals_and_ignores_a_suspension(tmp_path):
+    """Loop time = the step-to-step intervals (+ one median for the first step); a process stopped for minutes
+    (SIGSTOP, a suspended job) counts one median interval there, not the pause."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    tta = _module()
+    stamps = [1000.0 + 2.0 * i for i in range(10)] + [1000.0 + 18.0 + 600.0 + 2.0 * i for i in range(5)]
+    w = SummaryWriter(str(tmp_path))
+    for step, t in enumerate(stamps):
+        w.add_scalar("curriculum/B", 32, step, walltime=t)
+    w.close()
+    seconds, events = tta.loop_seconds(tmp_path)
+    assert events == 15
+    assert seconds == pytest.approx(15 * 2.0)  # 14 intervals of 2 s (the 602 s one counted as 2 s) + the first step

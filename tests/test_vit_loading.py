@@ -300,7 +300,7 @@ def test_paper_recipe_configs(tmp_path):
         c = load_config(FinetuneConfig, ROOT / "configs" / f"supervised_{name}.yaml", fix)
         # ET++'s 1.5x setting: a 200-epoch budget (in final-size epochs) replaces the 300-epoch baseline
         assert c.mode == "supervised" and c.curriculum.schedule == sched and c.train.epochs == 200
-        assert c.train.batch_size * 8 == 4096 and c.optim.warmup_epochs == 0.2 * 200
+        assert c.train.batch_size * c.train.grad_accum * 8 == 4096 and c.optim.warmup_epochs == 0.2 * 200
         base = load_config(FinetuneConfig, ROOT / "configs" / f"supervised_{name}_baseline.yaml", fix)
         assert base.curriculum.schedule == "constant" and base.train.epochs == 300
     for name in ("finetune_demo", "supervised_demo"):

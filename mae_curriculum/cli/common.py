@@ -41,6 +41,21 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
         if "=" not in o:
             return fail(f"unexpected argument '{o}': overrides look like key=value")
     from mae_curriculum.engine import dist as D
+
+    code = 1
+    try:
+        code = _call(main, args)
+    finally:
+        D.shutdown(wait_for_peers=code != 1)  # 1: this rank failed alone (a bug, a write error)
+    if D.broken():  # a peer is gone: skip the interpreter's teardown, whose process-group clean-up could wait for
+        logging.shutdown()  # it (the run's loaders and writers are closed already)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _call(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     from mae_curriculum.engine.errors import EXIT_FAILED, user_error_code
 
     try:
@@ -55,5 +70,3 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
         lines = str(e).strip().splitlines() or [""]  # e.g. a loader worker's error: the cause is on its last line
         summary = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
         return fail(f"{type(e).__name__}: {summary} (a bug? the traceback is above)", EXIT_FAILED)
-    finally:
-        D.shutdown()

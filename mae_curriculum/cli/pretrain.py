@@ -23,7 +23,7 @@ def _main(args: argparse.Namespace) -> int:
     check_output_dir(Path(cfg.output_dir))  # before any process group: a bad folder fails in a second
 
     D.setup_rank_env(args.local_rank)
-    D.init_distributed()
+    D.init_distributed(cfg.train.dist_timeout_s)
     setup_console()
     return run_pretrain(cfg, resume=args.resume)
 

@@ -15,7 +15,8 @@ Conventions (both axes are treated independently and identically):
   real, it is the left inverse of zero-pad upsampling that splits a Nyquist bin in two halves, and for any
   image with no energy above ``h/2`` the crop equals its trigonometric interpolant sampled on the coarse
   grid. (The official EfficientTrain v1 code keeps only the ``-h/2`` bin and takes the real part, which
-  amounts to the AVERAGE of the two bins; the two differ only on the Nyquist row/column.)
+  amounts to the AVERAGE of the two bins; the two differ only on the Nyquist row/column. EfficientTrain++'s
+  code uses no spectrum: a PIL Lanczos resize in the loader; docs/recipe_etpp.md compares the three.)
 
 Together: output bin ``(k mod h, l mod w)`` = sum of source coefficients at signed frequencies ``(k, l)``
 with ``|k| <= h/2`` and ``|l| <= w/2``. An axis whose size is unchanged is left untouched.

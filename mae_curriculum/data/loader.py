@@ -24,13 +24,18 @@ same crop box and flip as at the final size: the box is drawn from the header on
 (PIL ``draft``) whenever the crop still covers S pixels at 1/2, 1/4 or 1/8 scale. The trainer's Fourier crop
 then takes S -> B. :func:`stage_crop_size` is the rule for S; 0 in the plan means the final size. With
 ``decode="gpu"`` the main process crops each batch to its step's S on the device (full-size nvJPEG decode).
+With ``out_sizes`` as well (``curriculum.lowpass: lanczos``, EfficientTrain++'s released code), each sample is
+cropped to its S (or the final size), flipped and RandAugmented, then PIL-Lanczos-resized in the worker to its
+step's B: the batch arrives at B and the device does no Fourier crop (CPU decode only).
 
 Decode: ``StreamSpec.decode = "cpu"`` (default) decodes and augments in the workers; ``"gpu"`` makes the
 workers ship raw JPEG bytes + crop params (drawn from the header with the same per-sample seeds) and decodes
 each batch in the main process with nvJPEG (see :mod:`~mae_curriculum.data.gpu_decode`).
 
-Nothing is unpickled: only image members and ``.cls`` are read; URLs and ``pipe:`` are refused
-(``config.validate_data``), shards are plain local files.
+Nothing is unpickled: only image members and ``.cls`` are read; ``pipe:`` is refused (``config.validate_data``).
+Shards are plain tars, local or remote (``s3://``, ``gs://``, ``http(s)://``): a remote shard is one sequential
+stream with retries, optionally through a local cache (:mod:`~mae_curriculum.data.remote`); one that stays
+unreachable is logged and its samples replaced, like a missing local one.
 
 Hostile shards (see :mod:`~mae_curriculum.data.tarsafe`): shards are read in tarfile's seekable mode, a member
 that claims bytes past the end of its file ends that shard (the samples before it are kept), a member over
@@ -69,6 +74,7 @@ from torch.utils.data._utils import signal_handling as _torch_signal_handling
 
 from mae_curriculum.data.gpu_decode import BatchDecoder, check_decode, encode_sample, make_collate
 from mae_curriculum.data.index import IMAGE_EXTS, ShardIndex, shard_samples, split_name
+from mae_curriculum.data.remote import open_shard
 from mae_curriculum.data.transforms import AugmentConfig, SampleTransform, auto_max_pixels, seed_sample
 
 log = logging.getLogger(__name__)
@@ -76,6 +82,7 @@ log = logging.getLogger(__name__)
 READ_SUFFIXES = frozenset(IMAGE_EXTS) | {"cls"}  # the only members ever read into memory
 MAX_MEMBER_BYTES = 32 << 20  # default bound on one member's bytes (real images: well under 10 MB)
 SHUFFLE_MAX_BYTES = 256 << 20  # raw bytes the shuffle buffer of one worker may hold
+MAGNITUDE_UNSET = -(2**62)  # a step without its own RandAugment magnitude: the epoch's (ShardLoader.start_epoch)
 # S >= STAGE_SIZE_RATIO * B: the smallest ratio whose B x B input stays >= 40 dB PSNR from the exact path (final-size
 # crop -> Fourier crop to B) on real ImageNet-style JPEGs (imagewoof, short side 320, B = 96, final 224: S = 144
 # 33.5 dB, 160 37.7 dB, 176 41.0 dB, 192 45.1 dB mean; worst image 25.2 / 32.7 / 36.0 / 40.2 dB).
@@ -156,8 +163,9 @@ def _read_shard(index: ShardIndex, k: int, ids: np.ndarray, on_error: Callable[[
     wanted = (ids - index.offsets[k]).tolist()
     done = 0
     try:
-        with open(path, "rb") as f:
-            for pos, group in enumerate(shard_samples(f, os.fstat(f.fileno()).st_size)):
+        f, size = open_shard(path, index.cache_dir)  # local, cached, or one sequential remote stream
+        with f:
+            for pos, group in enumerate(shard_samples(f, size)):
                 exit_if_orphaned()
                 if pos > wanted[-1]:
                     if pos >= index.lengths[k]:
@@ -299,24 +307,31 @@ class ShardStream(IterableDataset):
         # output size of every step of the epoch (0 = the final size, augment.size): the stage-sized decode plan
         max_steps = steps_per_epoch(n, spec.world, spec.batch_size, spec.num_workers, spec.steps_multiple)
         self.sizes = torch.zeros(max(1, max_steps), dtype=torch.int32).share_memory_()
+        # the Lanczos output size of every step (0 = none: the batch comes out at its crop size)
+        self.out_sizes = torch.zeros(max(1, max_steps), dtype=torch.int32).share_memory_()
+        # RandAugment magnitude x 1000 of every step (-1000 = off; MAGNITUDE_UNSET = control[2], the epoch's):
+        # a curriculum stage that starts mid-epoch changes the magnitude at its first step
+        self.magnitudes = torch.full((max(1, max_steps),), MAGNITUDE_UNSET, dtype=torch.int64).share_memory_()
         self._transforms: dict[int, SampleTransform] = {}
         self._magnitude_key: int | None = None
 
-    def _get_transform(self, size: int = 0, magnitude: int | None = None) -> SampleTransform:
-        """The transform at output ``size`` (0: the final size) and RandAugment ``magnitude`` (x 1000; default:
-        the current one). The decompression-bomb bound stays the final size's whatever the output size."""
+    def _get_transform(self, size: int = 0, magnitude: int | None = None, out: int = 0) -> SampleTransform:
+        """The transform at crop ``size`` (0: the final size), RandAugment ``magnitude`` (x 1000; default: the
+        current one) and Lanczos output size ``out`` (0: none). The decompression-bomb bound stays the final
+        size's whatever the output size."""
         m = int(self.control[2]) if magnitude is None else magnitude
         if m != self._magnitude_key:
             self._transforms.clear()
             self._magnitude_key = m
         aug = self.spec.augment
         size = size or aug.size
-        if size not in self._transforms:
-            self._transforms[size] = SampleTransform(AugmentConfig(
+        key = (size, out if 0 < out < size else 0)
+        if key not in self._transforms:
+            self._transforms[key] = SampleTransform(AugmentConfig(
                 size=size, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
-                randaug_magnitude=m / 1000.0 if m >= 0 else -1.0, randaug_mstd=aug.randaug_mstd, train=aug.train),
-                max_pixels=self.spec.max_pixels or auto_max_pixels(aug.size))
-        return self._transforms[size]
+                randaug_magnitude=m / 1000.0 if m >= 0 else -1.0, randaug_mstd=aug.randaug_mstd, train=aug.train,
+                lowpass_size=key[1]), max_pixels=self.spec.max_pixels or auto_max_pixels(aug.size))
+        return self._transforms[key]
 
     def _label(self, sample: dict) -> int:
         s = self.spec
@@ -335,7 +350,9 @@ class ShardStream(IterableDataset):
         skip = consumed_by_worker(steps_done, nw, worker) * s.batch_size
         gpu = s.decode == "gpu"
         plan = self.sizes.numpy().copy()  # GPU path: only CPU-decoded samples use it here, the crop boxes do not
+        out_plan = self.out_sizes.numpy().copy()
         magnitude = int(self.control[2])  # read once per epoch iterator, as the plan is
+        mag_plan = self.magnitudes.numpy().copy()
         transform = self._get_transform(0, magnitude)
         errors: list[str] = []
         rng = np.random.default_rng([s.seed, epoch, s.rank, worker, 0xB0F])
@@ -347,7 +364,7 @@ class ShardStream(IterableDataset):
 
         def at_transform(good: dict, t: SampleTransform) -> dict:
             """``good`` (a stand-in for a corrupt sample) at the output size of ``t`` (its step's S)."""
-            if "image" not in good or good["image"].shape[-1] == t.cfg.size or last_src is None:
+            if "image" not in good or good["image"].shape[-1] == t.out_size or last_src is None:
                 return good  # (a JPEG for the GPU path is cropped to its batch's size when decoded)
             seed_sample(s.seed, epoch, last_src[1])
             return {**good, "image": t(last_src[0])}
@@ -356,7 +373,9 @@ class ShardStream(IterableDataset):
             if pos < skip:
                 continue  # already consumed before the resume: skipped undecoded
             step = (pos // s.batch_size) * nw + worker
-            transform = self._get_transform(int(plan[step]) if step < len(plan) else 0, magnitude)
+            m_step = int(mag_plan[step]) if step < len(mag_plan) and mag_plan[step] != MAGNITUDE_UNSET else magnitude
+            transform = (self._get_transform(int(plan[step]), m_step, int(out_plan[step])) if step < len(plan)
+                         else self._get_transform(0, m_step))
             for e in errors:
                 log.warning("%s", e)
             errors.clear()
@@ -510,18 +529,32 @@ class ShardLoader(ClosableLoader):
                                self.spec.steps_multiple)
 
     def start_epoch(self, epoch: int, step_in_epoch: int = 0, keep: np.ndarray | None = None,
-                    magnitude: float | None = None, sizes=None) -> int:
+                    magnitude: float | None = None, sizes=None, out_sizes=None, magnitudes=None) -> int:
         """Set the epoch plan; returns the number of steps this epoch will run (from ``step_in_epoch``).
 
         ``sizes``: the output size of each step of the epoch (indexed by step in epoch; entries before
         ``step_in_epoch`` are not used; 0 or a missing entry = the final size), each between 1 and the final
         size; None: every step at the final size. With ``decode == "gpu"`` the batch is decoded on the device and
-        cropped to its step's size there (nvJPEG has no DCT scaling: only the resize follows the plan)."""
+        cropped to its step's size there (nvJPEG has no DCT scaling: only the resize follows the plan).
+
+        ``magnitudes`` (same indexing): the RandAugment magnitude of each step (< 0: off; a missing entry: the
+        epoch's ``magnitude``), so a curriculum stage that begins mid-epoch gets its magnitude at its first step.
+
+        ``out_sizes`` (same indexing; 0 = none): after the crop to ``sizes`` (and RandAugment) the worker
+        Lanczos-resizes each sample to this size (``curriculum.lowpass: lanczos``); at most the step's crop size.
+        CPU decode only."""
         self.epoch, self.step_in_epoch = epoch, step_in_epoch
         self.dataset.control[0] = epoch
         self.dataset.control[1] = step_in_epoch
         if magnitude is not None:
             self.dataset.control[2] = int(round(magnitude * 1000)) if magnitude >= 0 else -1000
+        self.dataset.magnitudes.fill_(MAGNITUDE_UNSET)
+        if magnitudes is not None:
+            mags = np.asarray(magnitudes, dtype=np.float64).reshape(-1)[: len(self.dataset.magnitudes)]
+            if mags.size and not np.isfinite(mags).all():
+                raise ValueError("step magnitudes must be finite")
+            coded = np.where(mags >= 0, np.round(mags * 1000), -1000).astype(np.int64)
+            self.dataset.magnitudes[: coded.size] = torch.from_numpy(coded)
         if keep is not None:
             self.dataset.keep.copy_(torch.from_numpy(np.asarray(keep, dtype=bool)))
         else:
@@ -532,6 +565,17 @@ class ShardLoader(ClosableLoader):
             if plan.size and (plan.min() < 0 or plan.max() > self.spec.augment.size):
                 raise ValueError(f"step sizes must lie in [0, {self.spec.augment.size}]; got {plan.min()}..{plan.max()}")
             self.dataset.sizes[: plan.size] = torch.from_numpy(plan.astype(np.int32))
+        self.dataset.out_sizes.zero_()
+        if out_sizes is not None:
+            if self.spec.decode != "cpu":
+                raise ValueError("Lanczos output sizes (curriculum.lowpass: lanczos) need data.decode: cpu")
+            out = np.asarray(out_sizes, dtype=np.int64).reshape(-1)[: len(self.dataset.out_sizes)]
+            crop = self.dataset.sizes.numpy()[: out.size].astype(np.int64)
+            crop = np.where(crop == 0, self.spec.augment.size, crop)
+            if out.size and (out.min() < 0 or (out > crop).any()):
+                raise ValueError(f"Lanczos output sizes must lie in [0, the step's crop size]; got "
+                                 f"{out.min()}..{out.max()}")
+            self.dataset.out_sizes[: out.size] = torch.from_numpy(out.astype(np.int32))
         steps = self.steps_in_epoch(self.dataset.keep.numpy())
         if steps == 0:
             raise ValueError(

@@ -60,6 +60,9 @@ class AugmentConfig:
     randaug_magnitude: float = -1.0  # < 0: no RandAugment (MAE pre-training); >= 0: timm RandAugment at m
     randaug_mstd: float = 0.5
     train: bool = True  # False: resize short side to size/0.875 then centre crop
+    # curriculum.lowpass lanczos (EfficientTrain++'s released code): after the crop, flip and RandAugment, PIL
+    # Lanczos resize to this size (the stage's B); 0 (or >= size): none, the output is size x size
+    lowpass_size: int = 0
 
 
 def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
@@ -91,8 +94,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def _randaug(m: float, mstd: float):
     from timm.data.auto_augment import rand_augment_transform
 
-    # timm parses the magnitude with int(): build at the integer part, then set the exact (curriculum) value
-    ra = rand_augment_transform(f"rand-m{int(m)}-mstd{mstd:g}-inc1", {"translate_const": 100, "img_mean": (124, 116, 104)})
+    # timm parses the magnitude with int(): build at the integer part, then set the exact (curriculum) value.
+    # interpolation: bicubic for the geometric ops (rotate, shear, translate), as timm's create_transform passes it
+    # with interpolation="bicubic" (DeiT, MAE fine-tuning, EfficientTrain++); without it timm picks bilinear or
+    # bicubic at random per op
+    hparams = {"translate_const": 100, "img_mean": (124, 116, 104), "interpolation": Image.BICUBIC}
+    ra = rand_augment_transform(f"rand-m{int(m)}-mstd{mstd:g}-inc1", hparams)
     for op in ra.ops:
         op.magnitude = m
     return ra
@@ -228,13 +235,24 @@ class SampleTransform:
             img = _to_rgb(img)
         return _pil_to_tensor(img), box
 
+    @property
+    def out_size(self) -> int:
+        """The side of what :meth:`apply` returns: ``lowpass_size`` when it is below ``size``, else ``size``."""
+        b = self.cfg.lowpass_size
+        return b if 0 < b < self.cfg.size else self.cfg.size
+
     def apply(self, img: Image.Image, data: bytes, p: CropParams) -> torch.Tensor:
-        """Decode, crop, resize, flip (and RandAugment) with the drawn parameters ``p``."""
+        """Decode, crop, resize, flip (and RandAugment, then the Lanczos low-pass) with the drawn parameters ``p``."""
         t, box = self.decode(img, data, (p.top, p.left, p.height, p.width))
         out = resized_crop(t, box, self.cfg.size, p.flip)
-        if self._ra is not None:
-            out = self._ra(Image.fromarray(out.permute(1, 2, 0).numpy()))
-            out = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        lanczos = self.out_size != self.cfg.size
+        if self._ra is not None or lanczos:
+            pil = Image.fromarray(out.permute(1, 2, 0).numpy())
+            if self._ra is not None:
+                pil = self._ra(pil)
+            if lanczos:  # torchvision's Resize(B, LANCZOS) on the square PIL image, as ET++'s code inserts it
+                pil = pil.resize((self.out_size, self.out_size), Image.LANCZOS)
+            out = torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).contiguous()
         return out
 
     def __call__(self, data: bytes) -> torch.Tensor:
@@ -242,6 +260,16 @@ class SampleTransform:
         p = self.params(img)
         with one_thread():
             return self.apply(img, data, p)
+
+
+def lanczos_resize(images_u8: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) CPU batch -> (N, 3, size, size) with PIL's Lanczos filter (``curriculum.lowpass:
+    lanczos``'s operator, for images that do not come through the loader, e.g. the reconstruction grid)."""
+    if images_u8.shape[-1] == size and images_u8.shape[-2] == size:
+        return images_u8
+    out = [np.array(Image.fromarray(x.permute(1, 2, 0).contiguous().numpy()).resize((size, size), Image.LANCZOS),
+                    dtype=np.uint8) for x in images_u8.cpu()]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
 def seed_sample(seed: int, epoch: int, sample_id: int) -> None:

@@ -15,6 +15,11 @@ Output (one split per OUT_DIR):
 * ``_info.json`` in timm's ReaderWds format, ``class_index.json`` (class names in index order; pass it to
   ``--class-index`` for the other splits so that labels agree) and ``_report.json`` (skipped files and why).
 
+OUT_DIR may be an object-store location (``s3://bucket/prefix/train``, ``gs://...``; see
+:mod:`~mae_curriculum.data.remote` for credentials and ``AWS_ENDPOINT_URL``): each shard is written in a local
+temporary folder, uploaded whole once complete (an object appears complete or not at all) and removed locally;
+``_info.json`` is uploaded last. ``http(s)://`` locations are read-only.
+
 Input layouts, their detection and the image rules are described in :mod:`~mae_curriculum.data.sources` and
 :mod:`~mae_curriculum.data.imageio`. A bad file never stops the writer: it is listed in ``_report.json``.
 Bytes read before validation are bounded: only regular files of at most ``--max-file-bytes`` are read, and the
@@ -33,6 +38,7 @@ import random
 import re
 import sys
 import tarfile
+import tempfile
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -43,6 +49,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
+from mae_curriculum.data import remote
 from mae_curriculum.data.imageio import DEFAULT_MAX_PIXELS, BadImage, Prepared, prepare_image
 from mae_curriculum.data.sources import (FORMATS, MAX_FILE_BYTES, SPLIT_NAMES, TAR_SUFFIXES, Source, SourceError,
                                          open_source)
@@ -104,11 +111,67 @@ def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-class ShardWriter:
-    """Fills ``{split}-NNNNNN.tar`` shards of ``samples_per_shard`` samples, each renamed when complete."""
+class Output:
+    """Where a split goes: a local folder, or a remote one (``s3://``, ``gs://``) staged through a local temporary
+    folder, each file uploaded whole by :meth:`publish` and then removed locally."""
 
-    def __init__(self, out_dir: Path, split: str, samples_per_shard: int) -> None:
+    def __init__(self, out_dir: str | Path) -> None:
+        self.url = str(out_dir).rstrip("/") if remote.is_remote(out_dir) else None
+        self._tmp = None
+        if self.url is not None:
+            if remote.scheme_of(self.url) in ("http", "https"):
+                raise ValueError(f"{self.url}: http(s) locations are read-only; write shards to s3:// or gs://")
+            self._tmp = tempfile.TemporaryDirectory(prefix="write_shards-")
+            self.dir = Path(self._tmp.name)
+        else:
+            self.dir = Path(out_dir)
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def __str__(self) -> str:
+        return self.url or str(self.dir)
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1] if self.url else self.dir.resolve().name
+
+    def publish(self, name: str) -> None:
+        """A completed local file ``dir/name``: uploaded (then removed here) for a remote output."""
+        if self.url is not None:
+            remote.upload(self.dir / name, remote.join(self.url, name))
+            (self.dir / name).unlink()
+
+    def write_json(self, name: str, obj: object) -> None:
+        _write_json(self.dir / name, obj)
+        self.publish(name)
+
+    def remove_stale(self, split: str, keep: Sequence[str]) -> None:
+        """Delete shards of this split left by an earlier run that wrote more shards, and stale partials."""
+        pattern = re.compile(rf"\.?{re.escape(split)}-\d{{6,}}\.tar(\.partial)?")
+        if self.url is None:
+            names = [p.name for p in self.dir.iterdir()]
+        else:
+            names = remote.listdir(self.url)
+        for n in names:
+            if not pattern.fullmatch(n) or n in keep:
+                continue
+            if self.url is None:
+                (self.dir / n).unlink()
+            else:
+                remote.remove(remote.join(self.url, n))
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+class ShardWriter:
+    """Fills ``{split}-NNNNNN.tar`` shards of ``samples_per_shard`` samples, each renamed when complete (and then
+    handed to ``publish``)."""
+
+    def __init__(self, out_dir: Path, split: str, samples_per_shard: int,
+                 publish: Callable[[str], None] | None = None) -> None:
         self.out_dir, self.split, self.per_shard = out_dir, split, samples_per_shard
+        self.publish = publish
         self.filenames: list[str] = []
         self.lengths: list[int] = []
         self._tar: tarfile.TarFile | None = None
@@ -137,6 +200,8 @@ class ShardWriter:
         os.replace(self._partial(name), self.out_dir / name)
         self.lengths.append(self._count)
         self._tar, self._count = None, 0
+        if self.publish is not None:
+            self.publish(name)
 
     def abort(self) -> None:
         """Drop the shard being written (called on error): it never appears under its final name."""
@@ -159,17 +224,9 @@ def _class_names(classes: Sequence[str] | None, seen: dict[int, str], max_cls: i
     return [seen.get(i, str(i)) for i in range(max_cls + 1)]
 
 
-def _remove_stale(out_dir: Path, split: str, keep: Sequence[str]) -> None:
-    """Delete shards of this split left by an earlier run that wrote more shards, and stale partials."""
-    pattern = re.compile(rf"\.?{re.escape(split)}-\d{{6,}}\.tar(\.partial)?")
-    for p in out_dir.iterdir():
-        if pattern.fullmatch(p.name) and p.name not in keep:
-            p.unlink()
-
-
 def write_samples(
     samples: Iterable[Sample],
-    out_dir: str | Path,
+    out_dir: str | Path | Output,
     split: str,
     samples_per_shard: int = 1000,
     progress: bool = False,
@@ -181,11 +238,17 @@ def write_samples(
 
     ``classes`` (names in index order) goes into ``_info.json`` and ``class_index.json``; without it the
     names come from ``meta["class"]`` where given. Raises ValueError on a bad key / duplicate / no sample.
+    ``out_dir`` may be remote (``s3://...``, see the module docstring).
     """
     check_split(split, samples_per_shard)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    writer, keys, seen, max_cls = ShardWriter(out, split, samples_per_shard), set(), {}, -1
+    if not isinstance(out_dir, Output):
+        out = Output(out_dir)
+        try:
+            return write_samples(samples, out, split, samples_per_shard, progress, classes=classes, name=name)
+        finally:
+            out.close()
+    out = out_dir
+    writer, keys, seen, max_cls = ShardWriter(out.dir, split, samples_per_shard, out.publish), set(), {}, -1
     try:
         for s in tqdm(samples, disable=not progress, unit="img", desc=f"writing {split}"):
             check_sample(s)
@@ -204,7 +267,7 @@ def write_samples(
         raise ValueError(f"no samples to write for split {split!r}")
     names = _class_names(classes, seen, max_cls)
     info = {
-        "name": name or out.resolve().name,
+        "name": name or out.name,
         "splits": {
             split: {
                 "name": split,
@@ -216,9 +279,9 @@ def write_samples(
         "num_classes": len(names),
         "classes": names,
     }
-    _remove_stale(out, split, writer.filenames)
-    _write_json(out / INFO_FILE, info)
-    _write_json(out / CLASS_INDEX_FILE, names)
+    out.remove_stale(split, writer.filenames)
+    out.write_json(CLASS_INDEX_FILE, names)
+    out.write_json(INFO_FILE, info)  # last: readers see the new shards only once all of them are there
     return info
 
 
@@ -366,7 +429,7 @@ def default_split(src: Path, tar_subdir: str | None, fmt: str) -> str:
     return "val" if fmt == "imagenet-val" else "train"
 
 
-def _summarise(report: dict, out_dir: Path) -> None:
+def _summarise(report: dict, out_dir: Path | Output) -> None:
     skipped = report["skipped"]
     print(
         f"wrote {report['num_written']} samples of split {report['split']!r} to {out_dir} "
@@ -379,12 +442,12 @@ def _summarise(report: dict, out_dir: Path) -> None:
         print("  skipped: " + "; ".join(f"{r} x{n}" for r, n in reasons.most_common()), file=sys.stderr)
         for s in skipped[:5]:
             print(f"  {s['path']}: {s['reason']}", file=sys.stderr)
-        print(f"  full list: {out_dir / REPORT_FILE}", file=sys.stderr)
+        print(f"  full list: {out_dir}/{REPORT_FILE}", file=sys.stderr)
 
 
 def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> dict:
     """Convert the dataset at ``src`` into shards in ``out_dir``; returns the ``_report.json`` dict."""
-    t0, src, out = time.time(), Path(src), Path(out_dir)
+    t0, src = time.time(), Path(src)
     class_index = load_class_index(opts.class_index) if opts.class_index else None
     source = open_source(src, opts.fmt, opts.tar_subdir, opts.val_labels, class_index,
                          follow_links=opts.follow_external_links, max_file_bytes=opts.max_file_bytes)
@@ -402,7 +465,7 @@ def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> dict:
     )
     skipped = list(source.skipped)
     report = {"src": str(src), "format": source.format, "split": split, "num_written": 0, "num_shards": 0}
-    out.mkdir(parents=True, exist_ok=True)
+    out = Output(out_dir)
     try:
         samples = _samples(source, results, {c: i for i, c in enumerate(classes)}, split, skipped)
         info = write_samples(
@@ -412,7 +475,8 @@ def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> dict:
         report.update(num_written=written["num_samples"], num_shards=len(written["filenames"]))
     finally:
         report.update(seconds=round(time.time() - t0, 3), ignored_non_images=source.ignored, skipped=skipped)
-        _write_json(out / REPORT_FILE, report)
+        out.write_json(REPORT_FILE, report)
+        out.close()
         _summarise(report, out)
     return report
 

@@ -1,11 +1,18 @@
-"""Gradient accumulation, with EfficientTrain++'s bigger micro-batches at low resolution.
+"""Gradient accumulation, with EfficientTrain++'s bigger micro-batches at low resolution: one mechanism for both
+engines (pre-training's ``curriculum.grow_micro_batch``, off by default; fine-tuning's, on by default).
 
-With ``curriculum.grow_micro_batch`` a stage at B < final size merges ``merge`` loader batches into one
-micro-batch and runs ``grad_accum / merge`` micro-steps per optimizer step: the global batch stays the same and
-a micro-batch costs about what it costs at the final size. ``merge`` changes only between optimizer steps.
+With growth, a stage at B < final size merges ``merge`` loader batches into one micro-batch and runs
+``grad_accum / merge`` micro-steps per optimizer step: the global batch stays the same and a micro-batch costs
+about what it costs at the final size. ``merge`` changes only between optimizer steps (:meth:`Accumulation.groups`
+decides it at each window's first loader batch, from the stage at that moment) and DeepSpeed is told the new
+micro-batch and accumulation (:meth:`Accumulation.apply`). Without ``grad_accum`` > 1 there is nothing to grow.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 
 class Accumulation:
@@ -39,3 +46,25 @@ class Accumulation:
 
     def reset(self) -> None:
         self.window = 0
+
+    def groups(self, batches: Iterable[T], size_now: Callable[[], int],
+               apply: Callable[[int], None]) -> Iterator[list[T]]:
+        """The loader ``batches`` in groups of ``merge``, one group per micro-batch. At the first loader batch of
+        an accumulation window the merge factor is set for ``size_now()`` (the stage's B at that moment) through
+        ``apply(merge)`` (the engine: :meth:`apply` with its DeepSpeed engine)."""
+        pending: list[T] = []
+        for batch in batches:
+            if self.window == 0 and not pending:
+                apply(self.merge_for(size_now()))
+            pending.append(batch)
+            if len(pending) == self.merge:
+                yield pending
+                pending = []
+
+    def apply(self, merge: int, engine, micro_batch: int, global_batch: int) -> None:
+        """Set ``merge``; tell DeepSpeed: micro-batch ``micro_batch`` x merge, accumulation / merge, the global batch
+        unchanged."""
+        if merge != self.merge:
+            self.merge = merge
+            engine.set_train_micro_batch_size(micro_batch * merge)
+            engine.set_train_batch_size(global_batch)

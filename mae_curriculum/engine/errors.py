@@ -6,7 +6,8 @@
 | 1 | a run-time failure (a bug prints its traceback first) |
 | 2 | bad configuration, data, checkpoint or usage: one line naming what to fix |
 | 3 | diverged: non-finite losses again after rolling back to the last checkpoint |
-| 75 | preempted after writing a checkpoint: requeue and resume (EX_TEMPFAIL) |
+| 75 | requeue and resume (EX_TEMPFAIL): preempted after writing a checkpoint, or another rank or node was lost |
+|    | (a collective failed or outlasted ``train.dist_timeout_s``; the newest complete checkpoint is resumed) |
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75
+EXIT_PEER_LOST = 75  # the same status: launch scripts requeue on 75 (launch/slurm, launch/local.sh)
 
 
 class TrainingError(RuntimeError):

@@ -6,11 +6,17 @@ each optimizer step. Progress (images, or relative compute ~ size^2 for a comput
 LR (warm-up + cosine, per step) and the curriculum stage. The run lifecycle (resume, checkpoints, stop signal,
 non-finite policy, status, exit codes) is the pre-training engine's (:mod:`engine.lifecycle`). Notes:
 
-* RandAugment runs in the CPU workers; its magnitude is set at each epoch start from the stage at that moment,
-  while the input size follows the stage at every step, so within an epoch that crosses a stage boundary the
-  magnitude lags by up to one epoch (EfficientTrain++ stages span several epochs each).
+* RandAugment runs in the CPU workers at the magnitude of each loader step's stage: the stage of every step is a
+  pure function of the progress at the epoch start (:func:`~mae_curriculum.engine.progress.step_stages`), so
+  the workers get a per-step plan and a stage that begins mid-epoch gets its magnitude at its first step.
+* Micro-batch growth (``curriculum.grow_micro_batch``, on by default here; the mechanism of
+  :mod:`engine.accumulation`, shared with pre-training): at low B, loader batches are merged into bigger
+  micro-batches with fewer accumulation steps, the global batch unchanged (needs ``train.grad_accum`` > 1).
 * A ViT's learnable pos-embed is resized (bilinear) at a stage change together with its AdamW moments
   (EfficientTrain++); evaluation at the final size in between interpolates it on the fly (dynamic_img_size).
+  A Swin's attention window follows the stage (B/32 for the 224 / window-7 models) with its relative-position-
+  bias tables and their AdamW moments resampled (bilinear, EfficientTrain++); evaluation at the final size in
+  between runs the model at the final window and puts the tables back exactly afterwards.
   The resize needs plain parameters: ZeRO stage 0, fp32 master weights. bf16 runs use torch.autocast around
   the forward (DeepSpeed itself stays fp32), so parameters, EMA and moments are ordinary fp32 tensors.
 * Linear probe with ``augment.crop: center`` and ``linprobe.cache_features``: the frozen encoder's features of
@@ -31,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from mae_curriculum.config import ConfigError
-from mae_curriculum.config_finetune import FinetuneConfig, uses_mixup
+from mae_curriculum.config_finetune import FinetuneConfig, effective_drop_path, uses_mixup
 from mae_curriculum.curriculum.schedule import Stage, schedule_for
 from mae_curriculum.data.eval_loader import EvalLoader
 from mae_curriculum.data.index import load_index
@@ -43,14 +49,14 @@ from mae_curriculum.engine import hooks
 from mae_curriculum.engine.accumulation import Accumulation
 from mae_curriculum.engine.ds_config import deepspeed_config, resolve_precision
 from mae_curriculum.engine.evaluate import FeatureCache, evaluate
-from mae_curriculum.engine.inputs import at_size, normalise
+from mae_curriculum.engine.inputs import at_size, lowpass, normalise
 from mae_curriculum.engine.lifecycle import Agreement, RunLifecycle
 from mae_curriculum.engine.logging import Scalars
 from mae_curriculum.engine.lr import lr_at, set_lr
 from mae_curriculum.engine.metrics import TrainMetrics
 from mae_curriculum.engine.optim import build_optimizer
 from mae_curriculum.engine.pretrained import write_report
-from mae_curriculum.engine.progress import Budget
+from mae_curriculum.engine.progress import Budget, step_sizes, step_stages
 from mae_curriculum.engine.state import Counters
 
 log = logging.getLogger("mae_curriculum.finetune")
@@ -92,7 +98,8 @@ class FinetuneRun(RunLifecycle):
         if self.precision == "fp16":
             raise ConfigError("train.precision=fp16 is not supported for fine-tuning: use bf16 or fp32")
         self.amp = torch.bfloat16 if self.precision == "bf16" else None
-        self.index, self.val_index = load_index(cfg.data.train_shards), load_index(cfg.data.val_shards)
+        self.index, self.val_index = (load_index(cfg.data.train_shards, cfg.data.cache_dir),
+                                      load_index(cfg.data.val_shards, cfg.data.cache_dir))
         self.num_classes = m.num_classes or self.index.num_classes
         if self.num_classes < 2:
             raise ConfigError(f"model.num_classes: the train shards' _info.json gives {self.num_classes} classes; "
@@ -107,11 +114,16 @@ class FinetuneRun(RunLifecycle):
         cost = (lambda s: float(s * s)) if self.schedule.accounting == "compute" else (lambda s: 1.0)
         self.budget = Budget(self.schedule, m.img_size, cost, cfg.train.epochs,
                              self.full_steps * cfg.train.batch_size * self.world)
-        self.accum = Accumulation(cfg.train.grad_accum, m.img_size, grow=False)
+        grow = cfg.curriculum.grow_micro_batch and self.cached is None  # the one mechanism of both engines
+        self.accum = Accumulation(cfg.train.grad_accum, m.img_size, grow=grow)
+        if grow and cfg.train.grad_accum == 1 and min(self.schedule.sizes()) < m.img_size:
+            log.info("curriculum.grow_micro_batch: train.grad_accum is 1, so there is no accumulation to trade for "
+                     "bigger micro-batches at low resolution (set batch_size / k and grad_accum k to allow it)")
         self.cur_size = m.img_size
         self.tb = Scalars(self.out / "tensorboard")
         self.resume()
-        self.record_start(mode=cfg.mode, global_batch=self.global_batch, base_lr=self.base_lr)
+        self.record_start(mode=cfg.mode, global_batch=self.global_batch, base_lr=self.base_lr,
+                          drop_path=effective_drop_path(cfg))
         self.metrics = TrainMetrics(self.tb, cfg.log.every_steps, self.dev,
                                     self.budget.estimate_steps(self.global_batch, cfg.train.max_steps),
                                     self.counters.step, cfg.mode, cfg.log.progress_bar)
@@ -126,9 +138,14 @@ class FinetuneRun(RunLifecycle):
             log.info("pre-trained encoder: %s", report.summary())
             if D.is_main():
                 write_report(report, self.out)
-        self.resizable = cfg.mode != "linprobe" and C.has_resizable_pos_embed(model)
+        # what follows the stage size: a ViT's pos-embed, a Swin's windows and bias tables (with their moments)
+        self.resize_kind = None if cfg.mode == "linprobe" else (
+            "pos_embed" if C.has_resizable_pos_embed(model) else "swin" if C.is_swin(model) else None)
+        self.resizable = self.resize_kind is not None
+        self.swin_final_windows = C.swin_final_windows(model) if self.resize_kind == "swin" else ()
         if self.resizable and len(set(self.schedule.sizes())) > 1 and cfg.train.zero_stage != 0:
-            raise ConfigError("resizing the pos-embed at curriculum stage changes needs train.zero_stage=0")
+            what = "the pos-embed" if self.resize_kind == "pos_embed" else "the Swin windows and bias tables"
+            raise ConfigError(f"resizing {what} at curriculum stage changes needs train.zero_stage=0")
         model.to(self.dev)
         torch.manual_seed(cfg.train.seed + 1000 * self.rank)  # mixup / erasing / drop path differ over ranks
         np.random.seed(cfg.train.seed + 1000 * self.rank)
@@ -197,7 +214,7 @@ class FinetuneRun(RunLifecycle):
         target = y
         if self.cached is None:
             self.set_size(stage.size)  # a ViT's learnable pos-embed (and its AdamW moments) follow the stage
-            x = at_size(x, stage.size)
+            x = lowpass(x, stage.size, cfg.curriculum.lowpass)  # lanczos: the loader already resized to B
             if self.erasing is not None:
                 x = self.erasing(x)
             if self.mixup is not None:
@@ -246,23 +263,29 @@ class FinetuneRun(RunLifecycle):
         return "epoch_end"
 
     def batches(self):
-        """(input, labels) for the rest of the epoch: normalised images or cached features; the RandAugment
-        magnitude is the stage's at the epoch start."""
+        """(input, labels) micro-batches for the rest of the epoch: cached features, or normalised images (at low
+        resolution with ``curriculum.grow_micro_batch``, several loader batches merged; the merge factor changes
+        only between optimizer steps); each loader step's RandAugment magnitude is its own stage's."""
         c, cfg = self.counters, self.cfg
         if self.cached is not None:
-            batches = self.cached.batches(c.epoch, c.step_in_epoch, self.full_steps, cfg.train.batch_size, self.world,
-                                          self.rank, cfg.train.seed)
-        else:
-            # timm parses "rand-m<int>": stage magnitudes are rounded (integers already with max_magnitude 9)
-            stage = self.schedule.stage_at(c.progress)
-            magnitude = float(round(stage.magnitude)) if cfg.augment.randaug and cfg.mode != "linprobe" else -1.0
-            self.tb.add({"curriculum/randaug_magnitude": max(magnitude, 0.0)}, c.step)
-            self.loader.start_epoch(c.epoch, c.step_in_epoch, None, magnitude=magnitude)
-            batches = ((normalise(b["image"], self.mean, self.std, self.dev), b["label"].to(self.dev))
-                       for b in self.loader)
-        for x, y in batches:
-            c.step_in_epoch += 1
-            yield x, y
+            for x, y in self.cached.batches(c.epoch, c.step_in_epoch, self.full_steps, cfg.train.batch_size,
+                                            self.world, self.rank, cfg.train.seed):
+                c.step_in_epoch += 1
+                yield x, y
+            return
+        magnitude = self.magnitude(self.schedule.stage_at(c.progress))
+        self.loader.start_epoch(c.epoch, c.step_in_epoch, None, magnitude=magnitude, out_sizes=self.lanczos_plan(),
+                                magnitudes=self.magnitude_plan())
+
+        def numbered():
+            for b in self.loader:
+                c.step_in_epoch += 1
+                yield b
+
+        for group in self.accum.groups(numbered(), lambda: self.schedule.stage_at(c.progress).size, self.set_merge):
+            images = group[0]["image"] if len(group) == 1 else torch.cat([b["image"] for b in group])
+            labels = group[0]["label"] if len(group) == 1 else torch.cat([b["label"] for b in group])
+            yield normalise(images, self.mean, self.std, self.dev), labels.to(self.dev)
 
     def end_epoch(self) -> None:
         c, cfg = self.counters, self.cfg
@@ -274,46 +297,104 @@ class FinetuneRun(RunLifecycle):
             self.save(epoch_end=c.epoch - 1)
 
     # ---------------------------------------------------------------- step parts
+    def lanczos_plan(self) -> list[int] | None:
+        """``curriculum.lowpass: lanczos``: the B of every loader step of the epoch (from the progress now), which
+        the workers Lanczos-resize to after the final-size crop, flip and RandAugment (EfficientTrain++'s code)."""
+        cfg, c = self.cfg, self.counters
+        if cfg.curriculum.lowpass != "lanczos":
+            return None
+        return step_sizes(self.budget, c.progress, self.full_steps, c.step_in_epoch, cfg.train.batch_size * self.world,
+                          1.0, cfg.train.grad_accum, self.accum.merge_for, exact=True)
+
+    def magnitude(self, stage: Stage) -> float:
+        """The RandAugment magnitude of ``stage`` (-1 = off). timm parses "rand-m<int>": stage magnitudes are
+        rounded (integers already with max_magnitude 9, as EfficientTrain++'s m = stage index)."""
+        cfg = self.cfg
+        return float(round(stage.magnitude)) if cfg.augment.randaug and cfg.mode != "linprobe" else -1.0
+
+    def magnitude_plan(self) -> list[float] | None:
+        """The RandAugment magnitude of every loader step of the epoch, from its stage (``step_stages``: the walk
+        the engine's progress will take, merged micro-batches included); None when RandAugment is off."""
+        cfg, c = self.cfg, self.counters
+        if self.magnitude(self.schedule.stages[0]) < 0:
+            return None
+        idx = step_stages(self.budget, c.progress, self.full_steps, c.step_in_epoch, cfg.train.batch_size * self.world,
+                          1.0, cfg.train.grad_accum, self.accum.merge_for)
+        mags = [self.magnitude(self.schedule.stages[i]) if i >= 0 else -1.0 for i in idx]
+        for k in range(c.step_in_epoch + 1, len(mags)):
+            if mags[k] != mags[k - 1]:
+                log.info("curriculum: RandAugment magnitude %g from loader step %d of epoch %d (stage %d)", mags[k], k,
+                         c.epoch, idx[k])
+        return mags
+
+    def set_merge(self, merge: int) -> None:
+        """Micro-batch growth: ``merge`` loader batches per micro-batch from the next micro-step (DeepSpeed told)."""
+        if merge != self.accum.merge:
+            log.info("curriculum: micro-batch %d x %d accumulation steps (global batch %d)",
+                     self.cfg.train.batch_size * merge, self.cfg.train.grad_accum // merge, self.global_batch)
+        self.accum.apply(merge, self.engine, self.cfg.train.batch_size, self.global_batch)
+
     def lr(self) -> float:
         o = self.cfg.optim
         return lr_at(self.counters.progress, self.base_lr, o.min_lr, min(1.0, o.warmup_epochs / self.cfg.train.epochs))
 
     def set_size(self, size: int) -> None:
-        if self.resizable and size != self.cur_size:
+        if self.resize_kind == "pos_embed" and size != self.cur_size:
             C.resize_pos_embed_(self.engine.module, size, _torch_optimizer(self.optimizer))
             if self.ema is not None:
                 C.resize_pos_embed_(self.ema.module, size)
             log.info("curriculum: input size %d, pos-embed resized to a %dx%d grid", size,
                      *self.engine.module.patch_embed.grid_size)
+        elif self.resize_kind == "swin" and size != self.cur_size:
+            windows = C.swin_windows(self.swin_final_windows, size, self.cfg.model.img_size)
+            C.resize_swin_(self.engine.module, size, windows, _torch_optimizer(self.optimizer))
+            if self.ema is not None:
+                C.resize_swin_(self.ema.module, size, windows)
+            log.info("curriculum: input size %d, Swin windows %s (bias tables resampled)", size,
+                     "/".join(map(str, windows)))
         self.cur_size = size
 
     def scalars(self, loss: float, images_per_s: float) -> dict:
+        stage = self.schedule.stage_at(self.counters.progress)
         return {"train/loss": loss, "train/lr": self.lr(), "perf/images_per_s": images_per_s,
-                "curriculum/B": self.cur_size, "curriculum/progress": self.counters.progress}
+                "train/micro_batch": self.cfg.train.batch_size * self.accum.merge,
+                "curriculum/B": self.cur_size, "curriculum/progress": self.counters.progress,
+                "curriculum/randaug_magnitude": max(self.magnitude(stage), 0.0)}
 
     def wall(self) -> float:
         return self.wall_before + time.time() - self.t0
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
+        """Top-1 / top-5 on the validation split at the final size, or with ``eval.at_stage_size`` at the size the
+        model is at (the centre crop low-passed to it, as training does)."""
         model = self.engine.module
         model.eval()
         with self.autocast():
             if self.cached is not None:
                 res = self.cached.evaluate(lambda f: model(f, features=True))
             else:
-                res = evaluate(model, self.val_loader, self.mean, self.std, self.dev)
+                size = self.cur_size if self.cfg.eval.at_stage_size else self.cfg.model.img_size
+                res = {**self._evaluate_at(model, size), "input_size": size}
                 if self.ema is not None:
-                    res["ema_top1"] = evaluate(self.ema.module.eval(), self.val_loader, self.mean, self.std,
-                                               self.dev)["top1"]
+                    res["ema_top1"] = self._evaluate_at(self.ema.module.eval(), size)["top1"]
         model.train()
         return res
+
+    def _evaluate_at(self, model: torch.nn.Module, size: int) -> dict:
+        ctx = contextlib.nullcontext()
+        if self.resize_kind == "swin":  # a Swin at another size than its stage's runs at that size's window
+            ctx = C.swin_at_size(model, size, C.swin_windows(self.swin_final_windows, size, self.cfg.model.img_size))
+        with ctx:
+            return evaluate(lambda x: model(at_size(x, size)), self.val_loader, self.mean, self.std, self.dev)
 
     def evaluate_and_keep_best(self, epoch: int) -> dict:
         res = self.evaluate()
         self.last_eval = (res, self.counters.step)
-        self.tb.add({f"eval/{k}": v for k, v in res.items() if k in ("top1", "top5", "loss", "ema_top1")}, epoch)
-        log.info("epoch %d: top-1 %.2f%%  top-5 %.2f%%  (%d images)%s", epoch, res["top1"], res["top5"], res["count"],
+        keys = ("top1", "top5", "loss", "ema_top1", "input_size")
+        self.tb.add({f"eval/{k}": v for k, v in res.items() if k in keys}, epoch)
+        log.info("epoch %d: top-1 %.2f%%  top-5 %.2f%%  (%d images%s)%s", epoch, res["top1"], res["top5"],
+                 res["count"], f" at {res['input_size']} px" if "input_size" in res else "",
                  f"  EMA top-1 {res['ema_top1']:.2f}%" if "ema_top1" in res else "")
         if res["top1"] > self.best["top1"]:
             self.best = {"top1": res["top1"], "top5": res["top5"], "epoch": epoch}
@@ -366,7 +447,7 @@ class FinetuneRun(RunLifecycle):
             final = {"mode": cfg.mode, "top1": res["top1"], "top5": res["top5"], "loss": res["loss"],
                      "best_top1": self.best["top1"], "best_epoch": self.best["epoch"],
                      "epochs": round(c.epoch + c.step_in_epoch / self.full_steps, 3),
-                     "steps": c.step, "samples": c.samples, "wall_time_s": round(self.wall(), 2),
+                     "steps": c.step, "samples": c.samples, "flops": c.flops, "wall_time_s": round(self.wall(), 2),
                      "val_count": res["count"], "val_id_sum": res["id_sum"], "val_unreadable": res["unreadable"],
                      "world_size": self.world, "global_batch": self.global_batch, "base_lr": self.base_lr,
                      "schedule": self.schedule.name, "nonfinite_skips": c.nonfinite_skips, "rollbacks": c.rollbacks,

@@ -1,6 +1,10 @@
 """One run lifecycle for pre-training and fine-tuning: output folder, seeding, resume, checkpoints, the stop
 signal, the per-step agreement between ranks, status files and exit statuses.
 
+A lost rank or node (a collective that fails or outlasts ``train.dist_timeout_s``) ends the surviving ranks with
+status 75, as a pre-emption does, but without a checkpoint (the peers needed to write one are gone): the relaunch
+resumes from the newest complete checkpoint (:func:`run_to_end`).
+
 An engine subclasses :class:`RunLifecycle` and supplies what is its own: ``client_state()`` / ``run_state()``
 (what a checkpoint holds besides DeepSpeed's files) and ``restore(path)`` (load a checkpoint into the run).
 """
@@ -12,6 +16,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -26,7 +31,9 @@ from mae_curriculum.engine import dist as D
 from mae_curriculum.engine.checkpointer import Checkpointer
 from mae_curriculum.engine.errors import (
     EXIT_DIVERGED,
+    EXIT_FAILED,
     EXIT_OK,
+    EXIT_PEER_LOST,
     EXIT_PREEMPTED,
     EXIT_USAGE,
     TrainingError,
@@ -100,6 +107,7 @@ class RunLifecycle:
         self.loaders: list = []  # closed at the end, whatever happens
         self.tb = None
         self.dev, self.world, self.rank = D.device(), D.world_size(), D.rank()
+        self.started_at = time.time()
 
     # ------------------------------------------------------------------ start
     def begin(self) -> None:
@@ -126,6 +134,8 @@ class RunLifecycle:
                     "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"), **info}
             with open(self.out / "run_info.jsonl", "a") as f:
                 f.write(json.dumps(info) + "\n")
+        groups = D.apply_timeout(self.cfg.train.dist_timeout_s)  # the engine's groups exist by now
+        log.debug("collective timeout %.0f s on %d process groups", self.cfg.train.dist_timeout_s, groups)
         self.write_status("running")
         self.stop.install()
 
@@ -200,13 +210,44 @@ class RunLifecycle:
         c = self.counters
         rec = {"status": status, "step": c.step, "samples": c.samples, "epoch": c.epoch,
                "step_in_epoch": c.step_in_epoch, "rank": self.rank, "world_size": self.world,
-               **self.status_extra(), **extra}
+               **self.placement(), **self.status_extra(), **extra}
         (self.out / "ranks").mkdir(exist_ok=True)
         (self.out / "ranks" / f"rank{self.rank}.json").write_text(json.dumps(rec))
         if D.is_main():
             tmp = self.out / "status.json.tmp"
             tmp.write_text(json.dumps(rec))
             os.replace(tmp, self.out / "status.json")
+
+    def placement(self) -> dict:
+        """Where this rank runs: local rank, node rank (the launcher's), host, and the ranks as DeepSpeed's engine
+        sees them."""
+        env = os.environ
+        node = env.get("CROSS_RANK") or env.get("SLURM_NODEID") or env.get("GROUP_RANK")  # deepspeed / srun / torchrun
+        rec = {"local_rank": int(env.get("LOCAL_RANK", "0")), "node_rank": int(node) if node else None,
+               "host": socket.gethostname(), "pid": os.getpid()}
+        e = self.engine
+        if e is not None and hasattr(e, "global_rank"):
+            rec["deepspeed"] = {"global_rank": e.global_rank, "local_rank": getattr(e, "local_rank", None),
+                                "world_size": e.world_size, "dp_world_size": getattr(e, "dp_world_size", None)}
+        return rec
+
+    def failed_peer(self, tries: int = 3, wait_s: float = 0.5) -> tuple[int, str] | None:
+        """(rank, error) of another rank that recorded ``failed`` or ``diverged`` since this process started: a
+        rank that stops on an error records it before its connections close (read a few times, for a shared
+        file system's caching)."""
+        for attempt in range(tries):
+            for f in sorted((self.out / "ranks").glob("rank*.json")):
+                try:
+                    if f.stat().st_mtime < self.started_at - 5:
+                        continue  # from an earlier start
+                    rec = json.loads(f.read_text())
+                except (OSError, ValueError):
+                    continue
+                if rec.get("rank") != self.rank and rec.get("status") in ("failed", "diverged"):
+                    return int(rec.get("rank", -1)), str(rec.get("error", ""))
+            if attempt + 1 < tries:
+                time.sleep(wait_s)
+        return None
 
     def close(self) -> None:
         """Release loader workers and writers; called whatever happened (see :func:`run_to_end`)."""
@@ -244,7 +285,11 @@ class RunLifecycle:
 
 def run_to_end(run: RunLifecycle) -> int:
     """Set the run up, train, and release its workers whatever happens; a run that fails after it started
-    records how (``diverged`` or ``failed``) in its status files."""
+    records how (``diverged``, ``failed`` or ``peer_lost``) in its status files.
+
+    A collective that fails or times out (another rank or node is gone) ends this rank with status 75 (requeue)
+    and one line; nothing more is sent to the peers (:func:`dist.mark_broken`), and the relaunch resumes from the
+    newest complete checkpoint."""
     try:
         run.setup()
         return run.run()
@@ -252,5 +297,23 @@ def run_to_end(run: RunLifecycle) -> int:
         if (run.out / "ranks").is_dir():
             run.write_status("diverged" if e.code == EXIT_DIVERGED else "failed", error=str(e)[:500])
         raise
+    except Exception as e:
+        started = (run.out / "ranks").is_dir()
+        if run.world == 1 or not D.is_comm_failure(e):
+            if started:  # a bug: recorded, so that the peers that lose contact with this rank do not requeue
+                run.write_status("failed", error=f"{type(e).__name__}: {e}"[:500])
+            raise
+        D.mark_broken()
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        failed = run.failed_peer() if started else None
+        if failed is not None:  # the peer stopped on an error of its own: requeueing would only repeat it
+            msg = f"rank {failed[0]} failed ({failed[1][:300]}); this rank stops too"
+            run.write_status("failed", error=msg[:500])
+            raise TrainingError(msg, EXIT_FAILED) from None
+        msg = (f"lost contact with another rank at step {run.counters.step} ({cause}): exiting {EXIT_PEER_LOST} to "
+               f"be requeued; the relaunch resumes from the newest complete checkpoint")
+        if started:
+            run.write_status("peer_lost", error=msg[:500])
+        raise TrainingError(msg, EXIT_PEER_LOST) from None
     finally:
         run.close()

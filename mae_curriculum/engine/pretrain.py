@@ -24,15 +24,16 @@ from mae_curriculum.curriculum.flops import mae_flops_per_image
 from mae_curriculum.curriculum.pruning import build_pruner
 from mae_curriculum.curriculum.schedule import Stage, schedule_for
 from mae_curriculum.data.index import load_index
+from mae_curriculum.data.remote import is_remote
 from mae_curriculum.data.loader import ShardLoader, StreamSpec, read_eval_samples, stage_crop_size
-from mae_curriculum.data.transforms import AugmentConfig
+from mae_curriculum.data.transforms import AugmentConfig, lanczos_resize
 from mae_curriculum.engine import checkpoint as ckpt
 from mae_curriculum.engine import dist as D
 from mae_curriculum.engine import hooks
 from mae_curriculum.engine.accumulation import Accumulation
 from mae_curriculum.engine.ds_config import deepspeed_config, resolve_precision
 from mae_curriculum.engine.errors import EXIT_USAGE, TrainingError
-from mae_curriculum.engine.inputs import at_size, normalise
+from mae_curriculum.engine.inputs import at_size, lowpass, normalise
 from mae_curriculum.engine.lifecycle import Agreement, RunLifecycle
 from mae_curriculum.engine.logging import Scalars, reconstruction_grid, save_png
 from mae_curriculum.engine.lr import lr_at, set_lr
@@ -106,11 +107,11 @@ class PretrainRun(RunLifecycle):
 
     def _data(self):
         cfg = self.cfg
-        train_dir = Path(cfg.data.train_shards)
-        if not train_dir.is_dir() and cfg.data.synthetic_if_missing:
-            self._make_demo_data(train_dir.parent)
-        index = load_index(train_dir)
-        val_index = load_index(cfg.data.val_shards) if cfg.data.val_shards else index
+        train_dir, cache = cfg.data.train_shards, cfg.data.cache_dir
+        if not is_remote(train_dir) and not Path(train_dir).is_dir() and cfg.data.synthetic_if_missing:
+            self._make_demo_data(Path(train_dir).parent)
+        index = load_index(train_dir, cache)
+        val_index = load_index(cfg.data.val_shards, cache) if cfg.data.val_shards else index
         aug = AugmentConfig(size=cfg.model.img_size, scale=(cfg.data.crop_scale_min, cfg.data.crop_scale_max),
                             hflip=cfg.data.hflip, randaug_magnitude=-1.0)
         # labels are not needed for pre-training: a bad .cls does not cost a good image
@@ -158,7 +159,7 @@ class PretrainRun(RunLifecycle):
         cfg = self.cfg
         self.prepare_grid(stage.size)  # grid, masking and sin-cos tables follow B
         x = normalise(mb.images, self.mean, self.std, self.dev)
-        x = at_size(x, stage.size)  # only the central BxB of the spectrum: a BxB image
+        x = lowpass(x, stage.size, cfg.curriculum.lowpass)  # fourier: the central BxB of the spectrum, here
         noise = self.masking_noise(mb.keys, (stage.size // cfg.model.patch_size) ** 2)
         # the encoder sees x in the run's dtype, the loss target comes from the fp32 pixels (the official AMP loop)
         loss, per_sample, _, _ = self.engine(x.to(self.dtype), cfg.model.mask_ratio, noise, target=x)
@@ -218,35 +219,38 @@ class PretrainRun(RunLifecycle):
             self.tb.add({f"pruning/{k}": v for k, v in self.pruner.stats().items()}, c.step)
         self.epoch_steps = self.loader.steps_in_epoch(keep)
         self.epoch_scale = self.full_steps / self.epoch_steps  # a pruned epoch still counts as one epoch
-        plan = None  # data.stage_sized_decode: the size S >= B each step is cropped to (constant per window)
-        if self.cfg.data.stage_sized_decode:
-            cfg, m = self.cfg, self.cfg.model
+        plan = out = None  # data.stage_sized_decode: the size S >= B each step is cropped to (constant per window)
+        cfg, m = self.cfg, self.cfg.model
+        lanczos = cfg.curriculum.lowpass == "lanczos"  # the loader also resizes each step to its exact B
+        if cfg.data.stage_sized_decode or lanczos:
             sizes = step_sizes(self.budget, c.progress, self.epoch_steps, c.step_in_epoch,
                                cfg.train.batch_size * self.world, self.epoch_scale, cfg.train.grad_accum,
-                               self.accum.merge_for)
-            plan = [stage_crop_size(b, m.img_size, m.patch_size) if b else 0 for b in sizes]
-        self.loader.start_epoch(c.epoch, c.step_in_epoch, keep, magnitude=-1.0, sizes=plan)
+                               self.accum.merge_for, exact=lanczos)
+            if cfg.data.stage_sized_decode:
+                plan = [stage_crop_size(b, m.img_size, m.patch_size) if b else 0 for b in sizes]
+            out = sizes if lanczos else None
+        self.loader.start_epoch(c.epoch, c.step_in_epoch, keep, magnitude=-1.0, sizes=plan, out_sizes=out)
 
     def micro_batches(self):
         """The rest of the epoch as micro-batches: single loader batches, or at low resolution with
         ``grow_micro_batch`` several merged (the merge factor changes only between optimizer steps)."""
-        c, pending = self.counters, []
-        for batch in self.loader:
-            c.step_in_epoch += 1
-            if self.accum.window == 0 and not pending:
-                self.set_merge(self.accum.merge_for(self.schedule.stage_at(c.progress).size))
-            pending.append((batch, (c.epoch, c.step_in_epoch)))
-            if len(pending) == self.accum.merge:
-                if len({tuple(b["image"].shape[-2:]) for b, _ in pending}) > 1:  # the size plan prevents this
-                    raise TrainingError(f"loader batches of different sizes in one micro-batch at step "
-                                        f"{c.step_in_epoch} of epoch {c.epoch}")
-                merged = {k: torch.cat([b[k] for b, _ in pending]) for k in ("image", "id", "corrupt")}
-                if merged["image"].shape[-1] < self.schedule.stage_at(c.progress).size:
-                    raise TrainingError(f"the loader cropped step {c.step_in_epoch} of epoch {c.epoch} to "
-                                        f"{merged['image'].shape[-1]} px, below the stage's B "
-                                        f"{self.schedule.stage_at(c.progress).size} (size plan out of step)")
-                yield MicroBatch(merged["image"], merged["id"], int(merged["corrupt"].sum()), [k for _, k in pending])
-                pending = []
+        c = self.counters
+
+        def numbered():
+            for batch in self.loader:
+                c.step_in_epoch += 1
+                yield batch, (c.epoch, c.step_in_epoch)
+
+        for pending in self.accum.groups(numbered(), lambda: self.schedule.stage_at(c.progress).size, self.set_merge):
+            if len({tuple(b["image"].shape[-2:]) for b, _ in pending}) > 1:  # the size plan prevents this
+                raise TrainingError(f"loader batches of different sizes in one micro-batch at step "
+                                    f"{c.step_in_epoch} of epoch {c.epoch}")
+            merged = {k: torch.cat([b[k] for b, _ in pending]) for k in ("image", "id", "corrupt")}
+            if merged["image"].shape[-1] < self.schedule.stage_at(c.progress).size:
+                raise TrainingError(f"the loader cropped step {c.step_in_epoch} of epoch {c.epoch} to "
+                                    f"{merged['image'].shape[-1]} px, below the stage's B "
+                                    f"{self.schedule.stage_at(c.progress).size} (size plan out of step)")
+            yield MicroBatch(merged["image"], merged["id"], int(merged["corrupt"].sum()), [k for _, k in pending])
 
     def end_epoch(self) -> None:
         c = self.counters
@@ -278,10 +282,7 @@ class PretrainRun(RunLifecycle):
 
     def set_merge(self, merge: int) -> None:
         """Tell DeepSpeed: micro-batch x merge, accumulation / merge, the global batch unchanged."""
-        if merge != self.accum.merge:
-            self.accum.merge = merge
-            self.engine.set_train_micro_batch_size(self.cfg.train.batch_size * merge)
-            self.engine.set_train_batch_size(self.global_batch)
+        self.accum.apply(merge, self.engine, self.cfg.train.batch_size, self.global_batch)
 
     def record_losses(self, ids: torch.Tensor, per_sample: torch.Tensor) -> None:
         """Per-sample losses of all ranks to the pruner (all-gathered: every rank keeps the same scores)."""
@@ -368,8 +369,10 @@ class PretrainRun(RunLifecycle):
         if self.vis_images is None:
             self.vis_images = read_eval_samples(self.val_index, cfg.log.vis_num_images, cfg.model.img_size)[0]
         stage = self.schedule.stage_at(self.counters.progress)
-        x = normalise(self.vis_images, self.mean, self.std, self.dev)
-        x = at_size(x, stage.size)
+        images = self.vis_images
+        if cfg.curriculum.lowpass == "lanczos":
+            images = lanczos_resize(images, stage.size)
+        x = at_size(normalise(images, self.mean, self.std, self.dev), stage.size)
         model = self.engine.module
         was_training = model.training
         model.eval()

@@ -57,7 +57,7 @@ class Budget:
 
 
 def step_sizes(budget: Budget, progress: float, steps: int, start: int, loader_images: int, epoch_scale: float,
-               grad_accum: int, merge_for: Callable[[int], int] = lambda size: 1) -> list[int]:
+               grad_accum: int, merge_for: Callable[[int], int] = lambda size: 1, exact: bool = False) -> list[int]:
     """The curriculum size B of every loader step of an epoch, known at its start: progress advances by
     ``budget.progress_of(B, images)`` per micro-step whatever happens to the step, so the stage of each step is a
     pure function of the progress at ``start`` (the step in epoch to resume from, at an accumulation boundary).
@@ -67,7 +67,10 @@ def step_sizes(budget: Budget, progress: float, steps: int, start: int, loader_i
     (B at the window's start; 1 without ``grow_micro_batch``), as :class:`~mae_curriculum.engine.accumulation.
     Accumulation` does. Every loader step of a window gets the window's largest B, so the loader's size never
     changes inside an accumulation window (merged batches share a size). Entries before ``start`` are 0; steps
-    after the budget is spent keep the last stage's size."""
+    after the budget is spent keep the last stage's size.
+
+    ``exact``: every loader step gets the B of the micro-step it belongs to instead (merged batches share one;
+    the size may change inside a window): for ``curriculum.lowpass: lanczos``, whose batches arrive at B."""
     out = [0] * steps
     p = progress
     k = start
@@ -76,11 +79,32 @@ def step_sizes(budget: Budget, progress: float, steps: int, start: int, loader_i
         window: list[int] = []
         for _ in range(max(1, grad_accum // merge)):
             b = budget.schedule.stage_at(p).size
-            window.append(b)
+            window += [b] * merge
             if p < 1.0 - 1e-12:
                 p += budget.progress_of(b, loader_images * merge, epoch_scale)
-        top = max(window)
         for j in range(k, min(steps, k + grad_accum)):
-            out[j] = top
+            out[j] = window[min(j - k, len(window) - 1)] if exact else max(window)
         k += grad_accum
+    return out
+
+
+def step_stages(budget: Budget, progress: float, steps: int, start: int, loader_images: int, epoch_scale: float,
+                grad_accum: int, merge_for: Callable[[int], int] = lambda size: 1) -> list[int]:
+    """The curriculum stage index of every loader step of an epoch, known at its start (the walk of
+    :func:`step_sizes`): each loader step gets the stage its micro-step runs in (merged loader batches share one),
+    so a stage that begins mid-epoch begins at the exact loader step where the engine will see it. Entries before
+    ``start`` are -1; steps after the budget is spent keep the last stage. For the RandAugment magnitude, which the
+    loader's workers apply per step."""
+    out = [-1] * steps
+    p = progress
+    k = start
+    while k < steps:
+        merge = merge_for(budget.schedule.stage_at(p).size)
+        for _ in range(max(1, grad_accum // merge)):
+            stage = budget.schedule.stage_at(p)
+            for j in range(k, min(steps, k + merge)):
+                out[j] = stage.index
+            k += merge
+            if p < 1.0 - 1e-12:
+                p += budget.progress_of(stage.size, loader_images * merge, epoch_scale)
     return out
