@@ -35,7 +35,6 @@ import math
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -49,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import PRESETS, ROOT, environment, print_table, write_json  # noqa: E402
+from mae_curriculum.curriculum.processes import Children, child_env  # noqa: E402
 from mae_curriculum.curriculum.schedule import build_schedule  # noqa: E402
 
 # The default model for a real run (Imagenette on a CPU): the demo MAE (encoder 192-d x 6, decoder 128-d x 2) at
@@ -268,19 +268,9 @@ def finetune_cmd(a, model: dict[str, Any], cell: Cell, out: Path, encoder: Path)
             *_kv("model", model, ENCODER_KEYS), *_common(a, cell.seed), *over, *a.finetune_override]
 
 
-def _env(a) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    if a.threads > 0:
-        env["OMP_NUM_THREADS"] = str(a.threads)
-    return env
-
-
 _print_lock = threading.Lock()
-_live: set[subprocess.Popen] = set()  # running stages (all threads)
-_live_lock = threading.Lock()
-_stop = threading.Event()
+_children = Children()  # the running stages (all threads) and the stop flag
+_stop = _children.stop
 
 
 def say(msg: str) -> None:
@@ -294,13 +284,7 @@ def _on_stop_signal(signum, frame) -> None:
     the terminal reaches them only through here."""
     if not _stop.is_set():
         say(f"signal {signum}: stopping the running stages (they save a checkpoint); run again to continue")
-    _stop.set()
-    with _live_lock:
-        for p in _live:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    _children.terminate()
 
 
 def _attempts_file(cell_dir: Path) -> Path:
@@ -332,32 +316,10 @@ def run_stage(a, cell: Cell, cell_dir: Path, stage: str, cmd: list[str]) -> bool
         say(f"[{cell.name}] {stage}: process {other} of an earlier invocation still runs it; skipped this time")
         return False
     say(f"[{cell.name}] {stage} ...")
-    t0 = time.time()
-    with open(cell_dir / f"{stage}.log", "a") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_env(a),
-                                start_new_session=True)
-        pid_file.write_text(f"{proc.pid}\n{out}\n")
-        with _live_lock:
-            _live.add(proc)
-        if _stop.is_set():  # a signal between the check above and the start
-            proc.send_signal(signal.SIGTERM)
-        try:
-            # wait4: the child's CPU time (user + system, its data-loader workers included), which depends much
-            # less than wall time on what else runs on the machine
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            with _live_lock:
-                _live.discard(proc)
-        rc = proc.returncode = os.waitstatus_to_exitcode(status)
+    rc, wall, cpu = _children.run(cmd, cell_dir / f"{stage}.log", child_env(a.threads), cwd=ROOT,
+                                  on_start=lambda proc: pid_file.write_text(f"{proc.pid}\n{out}\n"))
+    t0 = time.time() - wall
     pid_file.unlink(missing_ok=True)
-    wall = time.time() - t0
-    cpu = usage.ru_utime + usage.ru_stime
     with open(_attempts_file(cell_dir), "a") as f:
         f.write(json.dumps({"stage": stage, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "rc": rc,
                             "start": t0}) + "\n")

@@ -47,12 +47,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,6 +58,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from mae_curriculum.curriculum.processes import Children, child_env
 from mae_curriculum.curriculum.schedule import build_schedule, scale_size
 
 __all__ = ["Candidate", "Score", "threshold", "staircase_search", "budget_search", "search", "candidate_sizes",
@@ -270,9 +268,7 @@ class Proxy:
     jobs: int = 1
     threads: int = 0
     say: Callable[[str], None] = print
-    stop: threading.Event = field(default_factory=threading.Event)
-    live: set = field(default_factory=set)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    children: Children = field(default_factory=Children)
     cache: dict[str, Score] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
 
@@ -303,48 +299,20 @@ class Proxy:
                 *PROBE_OVERRIDES, *model, *shards, f"finetune.pretrained={encoder}", f"output_dir={out}",
                 f"train.seed={seed}", "log.progress_bar=false", *self.probe_overrides]
 
-    def _env(self) -> dict[str, str]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(k, None)
-        if self.threads > 0:
-            env["OMP_NUM_THREADS"] = str(self.threads)
-        return env
-
     def run(self, cmd: list[str], out: Path, log_file: Path) -> dict[str, Any]:
         """Run ``cmd`` unless ``out/final.json`` exists; returns final.json plus the process costs."""
         cost_file = out.parent / f"{out.name}.cost.json"
         if (out / "final.json").is_file():
             costs = json.loads(cost_file.read_text()) if cost_file.is_file() else {}
             return {**json.loads((out / "final.json").read_text()), **costs}
-        if self.stop.is_set():
+        if self.children.stop.is_set():
             raise _Stopped()
         out.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        with open(log_file, "a") as log:
-            log.write(f"\n$ {' '.join(cmd)}\n")
-            log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
-                                    start_new_session=True)
-            with self.lock:
-                self.live.add(proc)
-            if self.stop.is_set():
-                proc.send_signal(signal.SIGTERM)
-            try:
-                _, status, usage = os.wait4(proc.pid, 0)
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
-            finally:
-                with self.lock:
-                    self.live.discard(proc)
-        rc = os.waitstatus_to_exitcode(status)
+        rc, wall, cpu = self.children.run(cmd, log_file, child_env(self.threads))
         prev = json.loads(cost_file.read_text()) if cost_file.is_file() else {"process_s": 0.0, "cpu_s": 0.0}
-        costs = {"process_s": prev["process_s"] + time.time() - t0,
-                 "cpu_s": prev["cpu_s"] + usage.ru_utime + usage.ru_stime}
+        costs = {"process_s": prev["process_s"] + wall, "cpu_s": prev["cpu_s"] + cpu}
         cost_file.write_text(json.dumps(costs))
-        if rc == EXIT_STOPPED or self.stop.is_set():
+        if rc == EXIT_STOPPED or self.children.stop.is_set():
             raise _Stopped()
         if rc != 0 or not (out / "final.json").is_file():
             last = _last_error(log_file)
@@ -382,13 +350,7 @@ class Proxy:
         return score
 
     def terminate(self) -> None:
-        self.stop.set()
-        with self.lock:
-            for p in self.live:
-                try:
-                    p.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        self.children.terminate()
 
 
 class _Stopped(Exception):
