@@ -7,7 +7,10 @@ For a model preset and a schedule, per stage size B:
   tar reading, seeded shuffle buffer, per-sample seeding, decode + crop in the workers) at that stage's settings,
   in images/s per worker process. Path ``exact``: every step cropped at the final size (the Fourier crop to B runs
   on the device); path ``stage_sized`` (``data.stage_sized_decode``): the loader's size plan crops every step to
-  ``S = stage_crop_size(B)`` (JPEG DCT scaling where the crop allows). Per worker count (``--workers``), a first
+  ``S = stage_crop_size(B)`` (JPEG DCT scaling where the crop allows); paths ``replay`` and ``stage_sized_replay``:
+  the same two with replay (``curriculum.replay``: each decoded image gives r crops, r consecutive rows of the
+  batch; ``--replay``, one factor per stage, default the EfficientTrain++ authors' 4 / 2 / 1 for the lowest /
+  middle / final stage sizes), images/s counting every row the model sees. Per worker count (``--workers``), a first
   iterator starts the (persistent) workers and is not timed; then a new epoch is iterated for ``--images`` images
   and images/s = images / time from ``iter()`` to the last batch (the pipeline fill included), divided by the
   workers. The stage's ``per_core_img_s`` is the lowest over the worker counts (conservative).
@@ -28,7 +31,9 @@ max(compute time, data time) per stage, data and compute fully overlapped.
         --mfu 0.40 --workers 1,2 --images 1024 --cores-per-gpu 12 --out FILE.json
     python benchmarks/data_capacity.py --quick --shards DIR --out /tmp/capacity.json     # smoke test
 
-JSON: ``{"stages": [{"size", "crop_size", "demand_img_s", "per_core_img_s", "cores_needed", "compute_share",
+Techniques one at a time: ``--paths exact,stage_sized,replay,stage_sized_replay``.
+
+JSON: ``{"stages": [{"size", "crop_size", "replay", "demand_img_s", "per_core_img_s", "cores_needed", "compute_share",
 ...}], "inflation", "env", "runs": [every (path, workers) measurement]}``; the top-level ``stages`` /
 ``inflation`` are those of the last path of ``--paths`` (default ``exact,stage_sized``: the stage-sized path), and
 ``by_path`` holds each path's.
@@ -47,12 +52,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DEFAULT_PEAK_TFLOPS, environment, flops_per_image, preset, print_table, write_json  # noqa: E402
 
-from mae_curriculum.curriculum.schedule import build_schedule  # noqa: E402
+from mae_curriculum.curriculum.schedule import build_schedule, replay_by_group  # noqa: E402
 from mae_curriculum.data.index import load_index  # noqa: E402
 from mae_curriculum.data.loader import ShardLoader, StreamSpec, stage_crop_size  # noqa: E402
 from mae_curriculum.data.transforms import AugmentConfig  # noqa: E402
 
-PATHS = ("exact", "stage_sized")
+PATHS = ("exact", "stage_sized", "replay", "stage_sized_replay")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--shuffle-buffer", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replay", default="", help="replay factor per stage of the schedule, comma-separated "
+                   "(default: 4 / 2 / 1 for the lowest / middle / final sizes)")
+    p.add_argument("--randaug", type=float, default=-1.0,
+                   help="RandAugment magnitude in the workers (the supervised path of finetune.py; < 0: off, as MAE)")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 worker, 48 images, batch 8")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
@@ -100,15 +109,27 @@ def inflation(stages: list[dict], cores_per_gpu: float) -> float:
     return sum(s["compute_share"] * max(1.0, s["cores_needed"] / cores_per_gpu) for s in stages)
 
 
-def measure(index, a, final: int, crop: int, workers: int) -> float:
-    """Images/s of the real loader with ``workers`` workers, every step cropped to ``crop`` (the final size: the
-    exact path)."""
+def replay_by_size(schedule, replay: list[int]) -> dict[int, int]:
+    """{B: r} from one factor per stage (stages of one size must share it)."""
+    if len(replay) != len(schedule.stages):
+        raise SystemExit(f"--replay needs one factor per stage: {len(schedule.stages)} for {schedule.name}")
+    out: dict[int, int] = {}
+    for st, r in zip(schedule.stages, replay):
+        if out.setdefault(st.size, r) != r:
+            raise SystemExit(f"--replay: the stages at B = {st.size} have different factors")
+    return out
+
+
+def measure(index, a, final: int, crop: int, workers: int, replay: int = 1) -> float:
+    """Images/s (rows the model sees) of the real loader with ``workers`` workers, every step cropped to ``crop``
+    (the final size: the exact path), each decoded image replayed ``replay`` times."""
     spec = StreamSpec(index, a.batch, 1, 0, workers, a.seed, a.shuffle_buffer,
-                      AugmentConfig(size=final, scale=(0.2, 1.0), hflip=0.5, randaug_magnitude=-1.0))
+                      AugmentConfig(size=final, scale=(0.2, 1.0), hflip=0.5, randaug_magnitude=a.randaug))
     loader = ShardLoader(spec)
     try:
         sizes = None if crop == final else [crop] * loader.steps_in_epoch()
-        loader.start_epoch(0, sizes=sizes)
+        replays = None if replay == 1 else [replay] * loader.steps_in_epoch()
+        loader.start_epoch(0, sizes=sizes, replays=replays)
         for k, batch in enumerate(loader):  # start the persistent workers (not timed)
             assert batch["image"].shape[-1] == crop, (batch["image"].shape, crop)
             if k + 1 >= workers:
@@ -116,7 +137,7 @@ def measure(index, a, final: int, crop: int, workers: int) -> float:
         images, epoch = 0, 1
         t0 = time.perf_counter()
         while images < a.images:
-            loader.start_epoch(epoch, sizes=sizes)
+            loader.start_epoch(epoch, sizes=sizes, replays=replays)
             for batch in loader:
                 images += batch["image"].shape[0]
                 if images >= a.images:
@@ -137,25 +158,28 @@ def main(argv=None) -> int:
         return flops_per_image(cfg, b)
 
     shares = compute_shares(schedule, flops)
+    replay_list = [int(x) for x in a.replay.split(",")] if a.replay else replay_by_group(schedule)
+    reps = replay_by_size(schedule, replay_list)
     index = load_index(a.shards)
     env_ = environment(torch.device("cpu"))
     runs, by_path = [], {}
     for path in a.path_list:
         stages = []
         for b in sorted(shares):
-            crop = stage_crop_size(b, final, patch) if path == "stage_sized" else final
-            rates = {w: measure(index, a, final, crop, w) for w in a.worker_counts}
+            crop = stage_crop_size(b, final, patch) if path.startswith("stage_sized") else final
+            r = reps[b] if path.endswith("replay") else 1
+            rates = {w: measure(index, a, final, crop, w, r) for w in a.worker_counts}
             demand = a.peak_tflops * 1e12 * a.mfu / flops(b)
-            for w, r in rates.items():
-                runs.append({"path": path, "size": b, "crop_size": crop, "workers": w, "img_s": r,
-                             "per_core_img_s": r / w})
-            per_core = min(r / w for w, r in rates.items())
-            stages.append({"size": b, "crop_size": crop, "demand_img_s": demand, "per_core_img_s": per_core,
+            for w, v in rates.items():
+                runs.append({"path": path, "size": b, "crop_size": crop, "replay": r, "workers": w, "img_s": v,
+                             "per_core_img_s": v / w})
+            per_core = min(v / w for w, v in rates.items())
+            stages.append({"size": b, "crop_size": crop, "replay": r, "demand_img_s": demand, "per_core_img_s": per_core,
                            "cores_needed": demand / per_core, "compute_share": shares[b],
                            "gflops_per_image": flops(b) / 1e9,
-                           "per_core_by_workers": {str(w): r / w for w, r in rates.items()}})
+                           "per_core_by_workers": {str(w): v / w for w, v in rates.items()}})
         by_path[path] = {"stages": stages, "inflation": inflation(stages, a.cores_per_gpu)}
-        print_table(stages, [("size", "B", "d"), ("crop_size", "S", "d"), ("compute_share", "share", ".2f"),
+        print_table(stages, [("size", "B", "d"), ("crop_size", "S", "d"), ("replay", "r", "d"), ("compute_share", "share", ".2f"),
                              ("demand_img_s", "demand img/s", ".0f"), ("per_core_img_s", "img/s/core", ".0f"),
                              ("cores_needed", "cores/GPU", ".1f")],
                     title=f"{path}: inflation at {a.cores_per_gpu:g} cores/GPU = {by_path[path]['inflation']:.3f}")
@@ -165,7 +189,8 @@ def main(argv=None) -> int:
            "path": a.path_list[-1], "by_path": by_path, "runs": runs, "env": env_,
            "settings": {"model": a.model, "final_size": final, "patch_size": patch, "schedule": a.schedule,
                         "peak_tflops": a.peak_tflops, "mfu": a.mfu, "cores_per_gpu": a.cores_per_gpu,
-                        "workers": a.worker_counts, "images": a.images, "batch": a.batch,
+                        "workers": a.worker_counts, "images": a.images, "replay": replay_list, "randaug": a.randaug,
+                        "batch": a.batch,
                         "shards": str(a.shards), "num_samples": index.num_samples, "quick": a.quick}}
     write_json(a.out, res)
     return 0

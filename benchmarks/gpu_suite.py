@@ -15,7 +15,7 @@ Parts (``--parts``, default all, in this order):
 * ``loader``: the real ``ShardLoader`` (``--workers`` processes, as ``engine.pretrain`` builds it) feeding the eager
   engine step, per stage and per loader path (``--loader-paths``: ``exact`` = final-size crop, Fourier crop on the
   device; ``stage_sized`` = ``data.stage_sized_decode``; ``lanczos`` = ``curriculum.lowpass: lanczos``, batches at
-  B): data-wait share of the loop (wait for the next batch / (wait + step)), images/s of the loop, then the loader
+  B; ``stage_sized_replay`` = stage-sized with ``curriculum.replay`` 4 / 2 / 1 by stage group): data-wait share of the loop (wait for the next batch / (wait + step)), images/s of the loop, then the loader
   alone (img/s and per worker), and from those the cores per GPU each stage needs at the measured model speed and
   the predicted inflation at ``--workers`` cores (``data_capacity.inflation``).
 * ``decode``: ``data.decode: gpu`` (``data/gpu_decode.py``: workers ship JPEG bytes, nvJPEG + crop on the device)
@@ -62,14 +62,14 @@ from data_capacity import compute_shares, inflation  # noqa: E402
 from throughput import run_engine_mode  # noqa: E402
 
 from mae_curriculum.curriculum.fourier import fourier_crop  # noqa: E402
-from mae_curriculum.curriculum.schedule import build_schedule  # noqa: E402
+from mae_curriculum.curriculum.schedule import build_schedule, replay_by_group  # noqa: E402
 from mae_curriculum.data.index import load_index  # noqa: E402
 from mae_curriculum.data.loader import ShardLoader, StreamSpec, stage_crop_size, steps_per_epoch  # noqa: E402
 from mae_curriculum.data.transforms import AugmentConfig  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 PARTS = ("model", "loader", "decode", "scripts")
-LOADER_PATHS = ("exact", "stage_sized", "lanczos")
+LOADER_PATHS = ("exact", "stage_sized", "lanczos", "stage_sized_replay")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # configs' data.mean / std (engine.inputs.normalise)
 
 
@@ -228,7 +228,7 @@ def _plans(path: str, b: int, final: int, patch: int, steps: int) -> tuple[list[
     """(crop sizes, Lanczos output sizes) of every step for a loader path at stage ``b`` (see engine.pretrain)."""
     if path == "exact" or b == final:
         return None, None
-    if path == "stage_sized":
+    if path.startswith("stage_sized"):
         return [stage_crop_size(b, final, patch)] * steps, None
     return None, [b] * steps  # lanczos: final-size crop, Lanczos to B in the worker
 
@@ -243,6 +243,7 @@ def loader_part(a, cfg: dict, sizes: list[int], index, tr: EngineTrainer, res: d
     model_ips = {r["size"]: r["images_per_s"] for r in res["model"]["eager"]["rows"]}
     shares = compute_shares(schedule, lambda s: flops_per_image(cfg, s))
     out = {"workers": a.workers, "batch": a.batch, "paths": {}}
+    replay = dict(zip((st.size for st in schedule.stages), replay_by_group(schedule)))
     for path in a.path_list:
         loader = ShardLoader(_spec(index, a, final, a.workers), pin_memory=a.dev.type == "cuda")
         steps = loader.steps_in_epoch()
@@ -250,7 +251,8 @@ def loader_part(a, cfg: dict, sizes: list[int], index, tr: EngineTrainer, res: d
         try:
             for epoch, b in enumerate(sizes):
                 crop, lanczos = _plans(path, b, final, patch, steps)
-                loader.start_epoch(epoch, sizes=crop, out_sizes=lanczos)
+                r = replay[b] if path.endswith("replay") else 1
+                loader.start_epoch(epoch, sizes=crop, out_sizes=lanczos, replays=[r] * steps if r > 1 else None)
                 it = iter(loader)
                 for _ in range(a.warmup):
                     tr.step(next(it)["image"], b)
@@ -270,7 +272,7 @@ def loader_part(a, cfg: dict, sizes: list[int], index, tr: EngineTrainer, res: d
                 alone = sum(next(it)["image"].shape[0] for _ in range(a.loader_only_steps))
                 loader_ips = alone / (time.perf_counter() - t0)
                 per_core = loader_ips / a.workers
-                rows.append({"size": b, "loader_output": shape, "wait_s": wait, "step_s": work,
+                rows.append({"size": b, "loader_output": shape, "replay": r, "wait_s": wait, "step_s": work,
                              "wait_share": wait / (wait + work), "images_per_s": images / (wait + work),
                              "loader_only_img_s": loader_ips, "per_core_img_s": per_core,
                              "model_img_s": model_ips[b], "cores_needed": model_ips[b] / per_core,

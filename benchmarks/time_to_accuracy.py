@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 from common import PRESETS, ROOT, environment, print_table, write_json  # noqa: E402
 from mae_curriculum.curriculum.processes import Children, child_env  # noqa: E402
-from mae_curriculum.curriculum.schedule import build_schedule  # noqa: E402
+from mae_curriculum.curriculum.schedule import build_schedule, replay_by_group  # noqa: E402
 
 # The default model for a real run (Imagenette on a CPU): the demo MAE (encoder 192-d x 6, decoder 128-d x 2) at
 # 80 px with 8-px patches. 80 is the smallest final size with 8-px patches whose efficienttrain++ stages keep
@@ -76,7 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train", type=Path, help="train shard folder (pre-training, probe and fine-tune training)")
     p.add_argument("--val", type=Path, help="val shard folder (probe and fine-tune top-1)")
     p.add_argument("--out", type=Path, required=True, help="output folder (cells/, the JSON and the PNG)")
-    p.add_argument("--schedules", default=DEFAULT_SCHEDULES, help="comma-separated curriculum schedules")
+    p.add_argument("--schedules", default=DEFAULT_SCHEDULES,
+                   help="comma-separated curriculum schedules; NAME:replay = NAME with curriculum.replay 4 / 2 / 1 "
+                   "by stage group")
     p.add_argument("--budgets", default=DEFAULT_BUDGETS, help="pre-training budgets, train.epochs at the final size")
     p.add_argument("--seeds", default="0,1", help="seeds of every schedule (train.seed of all three runs)")
     p.add_argument("--schedule-seeds", action="append", default=[], metavar="NAME=S1,S2",
@@ -169,13 +171,32 @@ def resolve_model(spec: str) -> dict[str, Any]:
     return cfg
 
 
+REPLAY_SUFFIX = ":replay"  # e.g. efficienttrain++:replay = that schedule with curriculum.replay 4 / 2 / 1 by stage group
+
+
+def base_schedule(name: str) -> tuple[str, bool]:
+    """``NAME`` or ``NAME:replay`` -> (NAME, whether the cell replays)."""
+    return (name[: -len(REPLAY_SUFFIX)], True) if name.endswith(REPLAY_SUFFIX) else (name, False)
+
+
+def replay_overrides(name: str, model: dict[str, Any]) -> list[str]:
+    """``curriculum.replay=[...]`` for a ``NAME:replay`` schedule (the authors' 4 / 2 / 1, ``replay_by_group``)."""
+    base, replay = base_schedule(name)
+    if not replay:
+        return []
+    r = replay_by_group(build_schedule(base, final_size=model["img_size"], patch_size=model["patch_size"]))
+    return [f"curriculum.replay=[{', '.join(map(str, r))}]"]
+
+
 def schedule_info(names: list[str], model: dict[str, Any], allow_small: bool) -> dict[str, dict]:
     final, patch = model["img_size"], model["patch_size"]
     out = {}
     for n in names:
-        s = build_schedule(n, final_size=final, patch_size=patch)
+        base, replay = base_schedule(n)
+        s = build_schedule(base, final_size=final, patch_size=patch)
         grid = min(s.sizes()) // patch
-        out[n] = {"sizes": s.sizes(), "accounting": s.accounting, "min_grid": grid}
+        out[n] = {"sizes": s.sizes(), "accounting": s.accounting, "min_grid": grid,
+                  **({"replay": replay_by_group(s)} if replay else {})}
         if grid < MIN_GRID and not allow_small:
             raise SystemExit(f"schedule {n} at {final} px / patch {patch}: smallest stage {min(s.sizes())} px is a "
                              f"{grid}x{grid} grid (< {MIN_GRID}x{MIN_GRID}); choose a larger final size or a smaller "
@@ -191,7 +212,7 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.schedule.replace('+', 'p')}_e{self.budget:g}_s{self.seed}"
+        return f"{self.schedule.replace('+', 'p').replace(':', '-')}_e{self.budget:g}_s{self.seed}"
 
 
 def _floats(s: str) -> list[float]:
@@ -234,7 +255,8 @@ def _common(a, seed: int) -> list[str]:
 
 
 def pretrain_cmd(a, model: dict[str, Any], cell: Cell, out: Path) -> list[str]:
-    over = [f"output_dir={out}", f"curriculum.schedule={cell.schedule}", f"train.epochs={cell.budget:g}",
+    over = [f"output_dir={out}", f"curriculum.schedule={base_schedule(cell.schedule)[0]}",
+            *replay_overrides(cell.schedule, model), f"train.epochs={cell.budget:g}",
             f"train.batch_size={a.batch}", f"optim.warmup_epochs={a.warmup_frac * cell.budget:g}",
             "data.synthetic_if_missing=false", "log.every_steps=1", "log.vis_every_epochs=0", "log.vis_num_images=4",
             "checkpoint.every_epochs=1", "checkpoint.every_minutes=10", "checkpoint.keep_last=1"]
@@ -396,7 +418,7 @@ def cell_result(a, cell: Cell) -> dict[str, Any]:
     r["pretrain_finished"] = pre is not None
     if pre:
         r.update(pretrain_pflops=pre["flops"] / 1e15, pretrain_images=pre["samples"], pretrain_steps=pre["step"],
-                 pretrain_final_loss=pre.get("final_loss"))
+                 pretrain_decoded=pre.get("decoded"), pretrain_final_loss=pre.get("final_loss"))
         lt = loop_seconds(d / "pretrain" / "tensorboard")
         r["pretrain_wall_s"] = round(lt[0], 3) if lt else None
         r["pretrain_logged_steps"] = lt[1] if lt else None

@@ -167,6 +167,13 @@ class CurriculumConfig:
     # flip and RandAugment the loader's workers resize to B with PIL Lanczos (batches arrive at B; data.decode cpu;
     # about half a worker's images/s: docs/benchmarks.md)
     lowpass: LowpassOperator = "fourier"
+    # replay (EfficientTrain++'s answer to a decode-bound loader at low B): one replay factor r per stage of the
+    # schedule (e.g. [4, 4, 2, 2, 2, 2, 1, 1, 1, 1] for efficienttrain++, the authors' 4/2/1): at a stage with
+    # r > 1 each image is decoded once and used for r crops (box, flip, RandAugment) and, in pre-training, r
+    # masks, as r rows of the same batch; the batch then holds batch_size / r distinct images, so each epoch draws
+    # 1/r of the split at that stage. r must divide train.batch_size; data.decode cpu. [] = off (every r = 1).
+    # Counters: ``decoded`` (images decoded) beside ``samples`` (images trained on). docs/benchmarks.md
+    replay: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -660,6 +667,27 @@ def validate_curriculum(c: CurriculumConfig, final_size: int, patch_size: int) -
         raise ConfigError(f"curriculum: {e}") from None
 
 
+MAX_REPLAY = 64
+
+
+def check_replay(c: CurriculumConfig, d: DataConfig, batch_size: int, final_size: int, patch_size: int) -> None:
+    """``curriculum.replay``: one factor per stage, each dividing the micro-batch; CPU decode."""
+    if not c.replay:
+        return
+    from mae_curriculum.curriculum.schedule import schedule_for
+
+    n = len(schedule_for(c, final_size, patch_size).stages)
+    _check(len(c.replay) == n, f"curriculum.replay has {len(c.replay)} entries but the schedule "
+                               f"{c.schedule} has {n} stages: give one replay factor per stage")
+    bad = [r for r in c.replay if not 1 <= r <= MAX_REPLAY]
+    _check(not bad, f"curriculum.replay factors must be in [1, {MAX_REPLAY}]; got {bad[0] if bad else ''}")
+    bad = [r for r in c.replay if batch_size % r]
+    _check(not bad, f"curriculum.replay factor {bad[0] if bad else ''} does not divide train.batch_size {batch_size}")
+    _check(d.decode == "cpu" or max(c.replay) == 1,
+           f"curriculum.replay decodes once for several crops in the CPU workers; it needs data.decode: cpu "
+           f"(got {d.decode})")
+
+
 def check_lowpass(c: CurriculumConfig, d: DataConfig) -> None:
     """Combinations of ``curriculum.lowpass`` with the data path that cannot run."""
     _check(not (c.lowpass == "lanczos" and d.decode != "cpu"),
@@ -688,6 +716,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     validate_pruning(cfg.pruning)
     validate_curriculum(cfg.curriculum, cfg.model.img_size, cfg.model.patch_size)
     check_lowpass(cfg.curriculum, cfg.data)
+    check_replay(cfg.curriculum, cfg.data, cfg.train.batch_size, cfg.model.img_size, cfg.model.patch_size)
 
 
 _VALIDATORS: dict[type, Any] = {PretrainConfig: validate_pretrain}

@@ -31,7 +31,7 @@ from typing import Literal
 
 from mae_curriculum.config import (MAX_BATCH, MAX_DEPTH, MAX_IN_CHANS, CheckpointConfig, ConfigError,
                                    CurriculumConfig, DataConfig, LogConfig, OptimConfig, TrainConfig, check_heads,
-                                   check_image_grid, check_lowpass, check_output_dir_rule, check_path_text,
+                                   check_image_grid, check_lowpass, check_replay, check_output_dir_rule, check_path_text,
                                    check_shards_path, register_validator, validate_checkpoint, validate_curriculum,
                                    validate_data, validate_log, validate_optim, validate_train)
 
@@ -218,6 +218,10 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     validate_log(cfg.log)
     validate_curriculum(cfg.curriculum, m.img_size, m.patch_size)
     check_lowpass(cfg.curriculum, cfg.data)
+    check_replay(cfg.curriculum, cfg.data, cfg.train.batch_size, m.img_size, m.patch_size)
+    _check(not (cfg.curriculum.replay and cfg.mode == "linprobe" and cfg.linprobe.cache_features
+                and a.crop == "center"),
+           "curriculum.replay has no effect with linprobe.cache_features (features are computed once): remove it")
     _check(0 <= cfg.eval.batch_size <= MAX_BATCH,
            f"eval.batch_size must be in [0, {MAX_BATCH}] (0 = train.batch_size); got {cfg.eval.batch_size}")
     _check(cfg.eval.every_epochs >= 1, f"eval.every_epochs must be >= 1; got {cfg.eval.every_epochs}")

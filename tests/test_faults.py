@@ -67,8 +67,10 @@ def test_kill9_then_resume_is_bitwise_identical(tmp_path, demo_data, reference):
 
 
 # data.stage_sized_decode at 64 px (efficienttrain++ B = 24 / 48 / 64, the loader's S = 48 / 64 / 64) with two
-# loader batches per optimizer step: the size plan changes S mid-epoch, aligned to the accumulation windows
-STAGE_SIZED = [*RESUME, "model.img_size=64", "data.stage_sized_decode=true", "train.grad_accum=2"]
+# loader batches per optimizer step: the size plan changes S mid-epoch, aligned to the accumulation windows; with
+# replay 4 / 2 / 1 (curriculum.replay), whose factor changes at the same steps
+STAGE_SIZED = [*RESUME, "model.img_size=64", "data.stage_sized_decode=true", "train.grad_accum=2",
+               "curriculum.replay=[4, 4, 2, 2, 2, 2, 1, 1, 1, 1]"]
 
 
 @pytest.mark.slow
@@ -77,6 +79,7 @@ def test_kill9_after_a_stage_sized_change_then_resume_is_bitwise_identical(tmp_p
     r = run(pretrain_cmd(ref, demo_data, *STAGE_SIZED))
     assert r.returncode == 0, r.stderr[-3000:]
     final = read_json(ref / "final.json")
+    assert final["decoded"] < final["samples"]  # replayed
     change = stage_change_step(ref)  # B 24 -> 48 (mid-epoch): the loader's S 48 -> 64 from this step on
     # resumed from the checkpoint before the change (the plan made at resume must change S) and from one after it
     for kill_at in (change + 1, change + 4):
@@ -87,8 +90,8 @@ def test_kill9_after_a_stage_sized_change_then_resume_is_bitwise_identical(tmp_p
         assert r.returncode == 0, r.stderr[-3000:]
         assert "resumed from" in r.stderr
         resumed = read_json(out / "final.json")
-        assert (resumed["step"], resumed["samples"], resumed["epoch"]) == (final["step"], final["samples"],
-                                                                           final["epoch"])
+        assert (resumed["step"], resumed["samples"], resumed["epoch"], resumed["decoded"]) == (
+            final["step"], final["samples"], final["epoch"], final["decoded"])
         assert_same_weights(ref, out)
 
 

@@ -154,7 +154,7 @@ def test_pickle_members_are_never_unpickled(tmp_path, cifar):
                  extra=lambda i: {"pyd": pickle.dumps(Pwned(str(target))), "pth": pickle.dumps(Pwned(str(target)))})
     batches = run_epoch(make_loader(tmp_path / "evil", workers=0, batch=8), 0)
     assert len(batches) == 4
-    assert set(batches[0]) == {"image", "label", "id", "corrupt"}
+    assert set(batches[0]) == {"image", "label", "id", "corrupt", "fresh"}
     assert not target.exists()
 
 

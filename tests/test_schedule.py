@@ -159,3 +159,21 @@ def test_epochs_per_stage_for_epoch_accounting_and_bad_epochs() -> None:
 def test_compute_accounting_uses_final_size_not_largest_stage() -> None:
     schedule = build_schedule("custom", 224, 16, custom=[{"size": 112, "fraction": 1.0}])
     assert epochs_per_stage(schedule, 10, _quadratic) == pytest.approx([40.0])
+
+
+def test_budget_counts_flops_apart_from_its_progress_unit():
+    """Fine-tuning's budget unit is images (or B^2), not FLOPs: with ``flops`` given, the counters get FLOPs and the
+    progress the unit; without it (pre-training, whose unit is its FLOP count) both use ``cost``."""
+    from mae_curriculum.engine.progress import Budget
+    from mae_curriculum.engine.state import Counters
+
+    sched = build_schedule("efficienttrain++", final_size=32, patch_size=4)
+    images = Budget(sched, 32, lambda s: float(s * s), epochs=1.0, epoch_images=100, flops=lambda s: 7.0 * s**3)
+    c = Counters()
+    images.consume(c, 16, 10)
+    assert c.flops == 10 * 7.0 * 16**3 and c.full_flops == 10 * 7.0 * 32**3
+    assert c.progress == 10 * 16 * 16 / (100 * 32 * 32)
+    plain = Budget(sched, 32, lambda s: float(s * s), epochs=1.0, epoch_images=100)
+    c = Counters()
+    plain.consume(c, 16, 10)
+    assert c.flops == 10 * 16.0 * 16

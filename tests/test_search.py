@@ -89,6 +89,23 @@ def test_the_proxy_commands_are_configs_the_trainers_accept(tmp_path, demo_data)
     i = cmd.index("--config")
     probe = load_config(FinetuneConfig, cmd[i + 1], cmd[i + 2:])
     assert probe.mode == "linprobe" and probe.model.img_size == 80 and probe.data.train_shards == cfg.data.train_shards
+    # accuracy mode on a supervised config: the candidate carries EfficientTrain's RandAugment ramp, so a staircase
+    # with efficienttrain's sizes is exactly the efficienttrain schedule
+    from mae_curriculum.curriculum.schedule import build_schedule
+
+    sup = ROOT / "configs" / "supervised_demo.yaml"
+    over = ["model.img_size=32", "model.patch_size=4", f"data.train_shards={demo_data / 'train'}",
+            f"data.val_shards={demo_data / 'val'}"]
+    p = Proxy(sup, read_config(sup, over), over, "epochs", tmp_path)
+    et = build_schedule("efficienttrain", final_size=32, patch_size=4, max_magnitude=5.0)
+    cmd = p.train_cmd(Candidate(tuple(st.size for st in et.stages), 1.0), 0, tmp_path / "s")
+    i = cmd.index("--config")
+    cfg = load_config(FinetuneConfig, cmd[i + 1], cmd[i + 2:])
+    from mae_curriculum.curriculum.schedule import schedule_for
+
+    mine = schedule_for(cfg.curriculum, 32, 4)
+    assert [(st.size, st.magnitude, st.start, st.end) for st in mine.stages] == [
+        (st.size, st.magnitude, st.start, st.end) for st in et.stages]
 
 
 SUPERVISED_TINY = ["model.img_size=32", "model.patch_size=8", "model.embed_dim=32", "model.depth=1",
@@ -121,6 +138,8 @@ def test_quick_search_end_to_end_resumes_without_repeating_a_run(tmp_path, demo_
     cfg = load_config(FinetuneConfig, tmp_path / "cfg.yaml", [f"data.train_shards={demo_data / 'train'}",
                                                              f"data.val_shards={demo_data / 'val'}"])
     assert [s["size"] for s in cfg.curriculum.stages] == summary["result"]["sizes"]
+    # with ET++'s RandAugment ramp (compute mode), up to the config's max_magnitude, as every proxy ran
+    assert [s["magnitude"] for s in cfg.curriculum.stages] == [0.0, 5.0] and cfg.curriculum.max_magnitude == 5.0
     assert (out / "search.png").stat().st_size > 0 and "| candidate" in (out / "search.md").read_text()
     # each proxy ran as a real run with its own stage sizes: a low-resolution candidate spends fewer FLOPs per image
     for c in summary["candidates"]:

@@ -158,6 +158,27 @@ def test_cells_model_and_grid_check():
         m.resolve_model("demo,decoder=3")
 
 
+def test_replay_schedule_cells_run_the_base_schedule_with_the_authors_replay(tmp_path):
+    """``efficienttrain++:replay``: the pre-training command runs efficienttrain++ with replay 4 / 2 / 1 by stage
+    group, a config the loader accepts; its cells and folders have their own name."""
+    from mae_curriculum.config import PretrainConfig, load_config
+
+    m = _module()
+    a = m.parse_args(["--train", str(tmp_path), "--val", str(tmp_path), "--out", "o", "--schedules",
+                      "efficienttrain++,efficienttrain++:replay", "--budgets", "2", "--seeds", "0"])
+    cells = m.make_cells(a)
+    assert [c.name for c in cells] == ["efficienttrainpp_e2_s0", "efficienttrainpp-replay_e2_s0"]
+    model = m.resolve_model("imagenette")
+    info = m.schedule_info([c.schedule for c in cells], model, allow_small=False)
+    assert info["efficienttrain++:replay"]["replay"] == [4, 4, 2, 2, 2, 2, 1, 1, 1, 1]
+    assert "replay" not in info["efficienttrain++"]
+    cmds = [m.pretrain_cmd(a, model, c, tmp_path / c.name) for c in cells]
+    overrides = [x for x in cmds[1][cmds[1].index("--config") + 2:]]
+    cfg = load_config(PretrainConfig, m.ROOT / "configs" / "demo.yaml", overrides)
+    assert cfg.curriculum.schedule == "efficienttrain++" and cfg.curriculum.replay == [4, 4, 2, 2, 2, 2, 1, 1, 1, 1]
+    assert not any(x.startswith("curriculum.replay") for x in cmds[0])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # fidelity details of the official MAE recipe
 # --------------------------------------------------------------------------------------------------------------

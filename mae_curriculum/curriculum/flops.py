@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 __all__ = [
     "encoder_forward_flops",
+    "vit_classifier_flops_per_image",
     "mae_forward_flops_breakdown",
     "mae_flops_per_image",
     "measured_forward_flops",
@@ -95,6 +96,19 @@ def mae_flops_per_image(
         mlp_ratio=mlp_ratio, in_chans=in_chans, mask_ratio=mask_ratio,
     )
     return TRAINING_FLOPS_PER_FORWARD * (parts["encoder"] + parts["decoder"])
+
+
+def vit_classifier_flops_per_image(img_size: int, patch_size: int, embed_dim: int, depth: int, num_classes: int,
+                                   mlp_ratio: float = 4.0, in_chans: int = 3, class_token: bool = True) -> float:
+    """Training FLOPs per image (3 x forward) of a ViT classifier at ``img_size``: patch embedding, the blocks over
+    ``L (+ 1)`` tokens and the linear head (the conventions of this module)."""
+    if img_size < 1 or patch_size < 1 or img_size % patch_size:
+        raise ValueError(f"img_size {img_size} must be a positive multiple of patch_size {patch_size}")
+    num_patches = (img_size // patch_size) ** 2
+    patch_embed = 2.0 * num_patches * patch_size * patch_size * in_chans * embed_dim
+    blocks = encoder_forward_flops(num_patches + int(class_token), embed_dim, depth, mlp_ratio)
+    head = 2.0 * embed_dim * num_classes
+    return TRAINING_FLOPS_PER_FORWARD * (patch_embed + blocks + head)
 
 
 def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:

@@ -32,7 +32,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-__all__ = ["Stage", "Schedule", "SCHEDULE_NAMES", "ACCOUNTING_MODES", "build_schedule", "epochs_per_stage"]
+__all__ = ["Stage", "Schedule", "SCHEDULE_NAMES", "ACCOUNTING_MODES", "build_schedule", "epochs_per_stage",
+           "replay_by_group", "ramp_magnitudes"]
 
 ACCOUNTING_MODES = ("epochs", "compute")
 _REFERENCE_SIZE = 224
@@ -128,16 +129,27 @@ def _check_sizes(stages: Sequence[Stage], final_size: int, patch_size: int) -> N
             )
 
 
+def ramp_magnitudes(n: int, max_magnitude: float, accounting: str) -> list[float]:
+    """The RandAugment magnitude of each of ``n`` equal stages, rising to ``max_magnitude``: EfficientTrain's
+    (``accounting: epochs``, its v1 code's m = 1, 3, 5, 7, 9 of 9 over five stages: the middle of each stage's share)
+    or EfficientTrain++'s (``compute``: m = stage index, 0 .. 9 over ten stages)."""
+    if n == 1:
+        return [float(max_magnitude)]
+    if accounting == "compute":
+        return [max_magnitude * i / (n - 1) for i in range(n)]
+    return [max_magnitude * (2 * i + 1) / (2 * n - 1) for i in range(n)]
+
+
 def _efficienttrain(final_size: int, patch_size: int, max_magnitude: float) -> Schedule:
     low = scale_size(160, final_size, patch_size)
     mid = _round_to_patch((low + final_size) / 2, patch_size)
     sizes = (low, low, low, mid, final_size)
-    magnitudes = [max_magnitude * m / 9 for m in (1, 3, 5, 7, 9)]
+    magnitudes = ramp_magnitudes(5, max_magnitude, "epochs")
     return Schedule("efficienttrain", "epochs", _make_stages(sizes, magnitudes, [0.2] * 5), final_size)
 
 
 def _ten_stage(name: str, sizes: Sequence[int], max_magnitude: float, final_size: int) -> Schedule:
-    magnitudes = [max_magnitude * i / 9 for i in range(10)]
+    magnitudes = ramp_magnitudes(10, max_magnitude, "compute")
     return Schedule(name, "compute", _make_stages(sizes, magnitudes, [0.1] * 10), final_size)
 
 
@@ -226,6 +238,13 @@ def epochs_per_stage(schedule: Schedule, epochs: float, flops_fn: Callable[[int]
             image_epochs *= flops_fn(schedule.reference_size) / flops_fn(stage.size)
         out.append(image_epochs)
     return out
+
+
+def replay_by_group(schedule: Schedule) -> list[int]:
+    """One replay factor per stage (``curriculum.replay``) by the EfficientTrain++ authors' rule, 4 / 2 / 1 for
+    the low / middle / final stage groups: 4 at the schedule's smallest size, 1 at its largest, 2 between."""
+    sizes = sorted({st.size for st in schedule.stages})
+    return [1 if st.size == sizes[-1] else (4 if st.size == sizes[0] else 2) for st in schedule.stages]
 
 
 def schedule_for(curriculum: Any, final_size: int, patch_size: int) -> Schedule:

@@ -59,13 +59,14 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from mae_curriculum.curriculum.processes import Children, child_env
-from mae_curriculum.curriculum.schedule import build_schedule, scale_size
+from mae_curriculum.curriculum.schedule import build_schedule, ramp_magnitudes, scale_size
 
 __all__ = ["Candidate", "Score", "threshold", "staircase_search", "budget_search", "search", "candidate_sizes",
            "main"]
 
 MAX_CONFIG_BYTES = 1 << 20
 EXIT_USAGE, EXIT_FAILED, EXIT_STOPPED = 2, 1, 75
+DEFAULT_MAX_MAGNITUDE = 9.0  # CurriculumConfig.max_magnitude (this module imports no config code)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,10 +241,18 @@ def _get(data: dict, dotted: str, default: Any = None) -> Any:
     return node
 
 
-def _stages_value(c: Candidate) -> str:
-    """``curriculum.stages`` as a YAML flow list, equal fractions."""
-    n = len(c.sizes)
-    return "[" + ", ".join(f"{{size: {s}, fraction: {1 / n!r}}}" for s in c.sizes) + "]"
+def _stage_entries(sizes: Sequence[int], accounting: str, max_magnitude: float) -> list[str]:
+    """``curriculum.stages`` entries of a staircase: equal fractions, and the RandAugment magnitude ramp of the
+    schedule family being searched (``ramp_magnitudes``: EfficientTrain's in accuracy mode, EfficientTrain++'s in
+    compute mode), so that a candidate differs from the published schedules only in its sizes."""
+    n = len(sizes)
+    mags = ramp_magnitudes(n, max_magnitude, accounting)
+    return [f"{{size: {s}, fraction: {1 / n!r}, magnitude: {m!r}}}" for s, m in zip(sizes, mags)]
+
+
+def _stages_value(c: Candidate, accounting: str, max_magnitude: float) -> str:
+    """``curriculum.stages`` as a YAML flow list."""
+    return "[" + ", ".join(_stage_entries(c.sizes, accounting, max_magnitude)) + "]"
 
 
 _ENCODER_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
@@ -280,10 +289,14 @@ class Proxy:
     def epochs(self) -> float:
         return float(_get(self.data, "train.epochs", 0) or 0)
 
+    @property
+    def max_magnitude(self) -> float:
+        return max_magnitude(self.data)
+
     def train_cmd(self, c: Candidate, seed: int, out: Path) -> list[str]:
         module = "finetune" if self.supervised else "pretrain"
         over = [f"output_dir={out}", "curriculum.schedule=custom", f"curriculum.accounting={self.accounting}",
-                f"curriculum.stages={_stages_value(c)}", f"train.seed={seed}", "log.progress_bar=false"]
+                f"curriculum.stages={_stages_value(c, self.accounting, self.max_magnitude)}", f"train.seed={seed}", "log.progress_bar=false"]
         if c.budget != 1.0:
             over.append(f"train.epochs={self.epochs * c.budget!r}")
         return [sys.executable, "-m", f"mae_curriculum.cli.{module}", "--config", str(self.config),
@@ -371,11 +384,15 @@ def _last_error(log_file: Path) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def schedule_yaml(result: dict[str, Any], accounting: str, epochs: float) -> str:
-    n = len(result["sizes"])
+def max_magnitude(data: dict[str, Any]) -> float:
+    """The config's ``curriculum.max_magnitude`` (the config default when absent)."""
+    return float(_get(data, "curriculum.max_magnitude", DEFAULT_MAX_MAGNITUDE))
+
+
+def schedule_yaml(result: dict[str, Any], accounting: str, epochs: float, max_mag: float) -> str:
     lines = ["# found by python -m mae_curriculum.curriculum.search; paste into your config", "curriculum:",
-             "  schedule: custom", f"  accounting: {accounting}", "  stages:"]
-    lines += [f"    - {{size: {s}, fraction: {1 / n!r}}}" for s in result["sizes"]]
+             "  schedule: custom", f"  accounting: {accounting}", f"  max_magnitude: {max_mag!r}", "  stages:"]
+    lines += [f"    - {e}" for e in _stage_entries(result["sizes"], accounting, max_mag)]
     if accounting == "compute":
         lines += ["train:", f"  epochs: {epochs * result['budget']!r}  # x{result['budget']:g} of the searched config's budget"]
     return "\n".join(lines) + "\n"
@@ -534,7 +551,7 @@ def _main(a: argparse.Namespace) -> int:
                           "compute_ratio": (base.pflops / chosen.pflops) if base.pflops and chosen.pflops else 1.0},
                "search_s": round(time.time() - t0, 1), "runs": len(proxy.records) * len(seeds)}
     (a.out / "search.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (a.out / "schedule.yaml").write_text(schedule_yaml(summary["result"], accounting, epochs))
+    (a.out / "schedule.yaml").write_text(schedule_yaml(summary["result"], accounting, epochs, max_magnitude(data)))
     (a.out / "search.md").write_text(report_md(summary))
     plot(summary, final, patch, a.out / "search.png")
     print(report_md(summary), flush=True)

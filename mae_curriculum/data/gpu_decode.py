@@ -77,6 +77,7 @@ def collate_encoded(samples: list[dict], size: int) -> dict:
         "label": torch.tensor([int(s["label"]) for s in samples], dtype=torch.int64),
         "id": torch.tensor([int(s["id"]) for s in samples], dtype=torch.int64),
         "corrupt": torch.tensor([int(s["corrupt"]) for s in samples], dtype=torch.int64),
+        "fresh": torch.tensor([int(s.get("fresh", 1)) for s in samples], dtype=torch.int64),
     }
 
 
@@ -141,7 +142,7 @@ def decode_crops(datas: list[torch.Tensor], params, size: int,
 
 
 class BatchDecoder:
-    """Turns a batch of :func:`collate_encoded` into the CPU path's batch ``{image, label, id, corrupt}`` with
+    """Turns a batch of :func:`collate_encoded` into the CPU path's batch ``{image, label, id, corrupt, fresh}`` with
     ``image`` uint8 (N, 3, size, size) on ``device`` (default: the current CUDA device)."""
 
     def __init__(self, size: int, device: str | torch.device | None = None):
@@ -176,6 +177,7 @@ class BatchDecoder:
         n = len(batch["id"])
         size = size or self.size
         label, ids, corrupt = batch["label"].clone(), batch["id"].clone(), batch["corrupt"].clone()
+        fresh = batch["fresh"].clone() if "fresh" in batch else 1 - corrupt
         image = torch.empty((n, 3, size, size), dtype=torch.uint8, device=self.device)
         cpu_index = batch["cpu_index"]
         if len(cpu_index):
@@ -200,9 +202,9 @@ class BatchDecoder:
                 raise RuntimeError(f"none of the {n} images of a batch could be decoded")
             for k in bad:
                 g = good[0]
-                image[k], label[k], ids[k], corrupt[k] = image[g], label[g], ids[g], 1
+                image[k], label[k], ids[k], corrupt[k], fresh[k] = image[g], label[g], ids[g], 1, 0
             self.num_corrupt += len(bad)
-        return {"image": image, "label": label, "id": ids, "corrupt": corrupt}
+        return {"image": image, "label": label, "id": ids, "corrupt": corrupt, "fresh": fresh}
 
 
 def check_decode(mode: str) -> str:

@@ -28,6 +28,14 @@ With ``out_sizes`` as well (``curriculum.lowpass: lanczos``, EfficientTrain++'s 
 cropped to its S (or the final size), flipped and RandAugmented, then PIL-Lanczos-resized in the worker to its
 step's B: the batch arrives at B and the device does no Fourier crop (CPU decode only).
 
+Replay (``curriculum.replay``): :meth:`ShardLoader.start_epoch` may take ``replays``, a factor r per step (from the
+step's stage, like the sizes). At r > 1, rows 0, r, 2r, ... of each batch decode their sample once into r crops
+(:meth:`~mae_curriculum.data.transforms.SampleTransform.views`: r boxes, flips and RandAugments drawn in turn from
+the sample's seed; one decode, DCT-scaled for the smallest box) and the r - 1 rows after each take the other crops;
+the samples the plan put in those rows are dropped undecoded. Positions and seeds are those of the plan, so replay
+stays deterministic and a mid-epoch resume (at a step boundary) is exact. Each row's ``fresh`` flag is 1 when it
+was decoded from its own sample, so the trainer counts images decoded beside images seen.
+
 Decode: ``StreamSpec.decode = "cpu"`` (default) decodes and augments in the workers; ``"gpu"`` makes the
 workers ship raw JPEG bytes + crop params (drawn from the header with the same per-sample seeds) and decodes
 each batch in the main process with nvJPEG (see :mod:`~mae_curriculum.data.gpu_decode`).
@@ -312,6 +320,9 @@ class ShardStream(IterableDataset):
         # RandAugment magnitude x 1000 of every step (-1000 = off; MAGNITUDE_UNSET = control[2], the epoch's):
         # a curriculum stage that starts mid-epoch changes the magnitude at its first step
         self.magnitudes = torch.full((max(1, max_steps),), MAGNITUDE_UNSET, dtype=torch.int64).share_memory_()
+        # replay factor r of every step (0 or 1 = none): each group of r consecutive rows of the step's batch holds
+        # r crops of one decoded image (curriculum.replay)
+        self.replays = torch.zeros(max(1, max_steps), dtype=torch.int32).share_memory_()
         self._transforms: dict[int, SampleTransform] = {}
         self._magnitude_key: int | None = None
 
@@ -353,6 +364,7 @@ class ShardStream(IterableDataset):
         out_plan = self.out_sizes.numpy().copy()
         magnitude = int(self.control[2])  # read once per epoch iterator, as the plan is
         mag_plan = self.magnitudes.numpy().copy()
+        rep_plan = self.replays.numpy().copy()
         transform = self._get_transform(0, magnitude)
         errors: list[str] = []
         rng = np.random.default_rng([s.seed, epoch, s.rank, worker, 0xB0F])
@@ -361,6 +373,7 @@ class ShardStream(IterableDataset):
         last_good = None
         last_src: tuple[bytes, int] | None = None  # the last good sample's bytes and id (to redo it at another S)
         pending: list[SampleTransform] = []  # the transforms of corrupt samples seen before the first good one
+        replicas: list[dict] = []  # replay: the other crops of the current group's decoded image, in row order
 
         def at_transform(good: dict, t: SampleTransform) -> dict:
             """``good`` (a stand-in for a corrupt sample) at the output size of ``t`` (its step's S)."""
@@ -379,27 +392,43 @@ class ShardStream(IterableDataset):
             for e in errors:
                 log.warning("%s", e)
             errors.clear()
+            # replay r: rows 0, r, 2r, ... of the batch (the group anchors) are decoded once into r crops; the rows
+            # between take the anchor's other crops and their own samples are dropped undecoded
+            r = max(1, int(rep_plan[step])) if step < len(rep_plan) else 1
+            replica = r > 1 and (pos % s.batch_size) % r != 0
+            if replica and replicas:
+                yield replicas.pop(0)
+                continue
             img = None  # {"image": tensor} or, on the GPU path, possibly {"jpeg": bytes, "params": ...}
-            data = image_bytes(sample)
+            data = None if replica else image_bytes(sample)  # a replica without its anchor's crops: a stand-in
             if data is not None:
                 try:
                     label = self._label(sample)
                     seed_sample(s.seed, epoch, sid)
-                    img = encode_sample(data, transform) if gpu else {"image": transform(data)}
+                    if gpu:
+                        img = encode_sample(data, transform)
+                    elif r > 1:
+                        views = transform.views(data, r)
+                        img = {"image": views[0]}
+                        replicas = [{"image": v, "label": label, "id": sid, "corrupt": 0, "fresh": 0}
+                                    for v in views[1:]]
+                    else:
+                        img = {"image": transform(data)}
                 except Exception as e:  # a corrupt sample must never stop training
                     log.debug("corrupt sample %d: %s", sid, e)
                     img = None
             if img is None:
+                replicas = []
                 if last_good is None:
                     pending.append(transform)
                     continue
                 last_good = at_transform(last_good, transform)
-                yield {**last_good, "corrupt": 1}
+                yield {**last_good, "corrupt": 1, "fresh": 0}
                 continue
-            last_good = {**img, "label": label, "id": sid, "corrupt": 0}
+            last_good = {**img, "label": label, "id": sid, "corrupt": 0, "fresh": 1}
             last_src = (data, sid)
             for t in pending:
-                yield {**at_transform(last_good, t), "corrupt": 1}
+                yield {**at_transform(last_good, t), "corrupt": 1, "fresh": 0}
             pending.clear()
             last_good = at_transform(last_good, transform)
             yield last_good
@@ -529,7 +558,8 @@ class ShardLoader(ClosableLoader):
                                self.spec.steps_multiple)
 
     def start_epoch(self, epoch: int, step_in_epoch: int = 0, keep: np.ndarray | None = None,
-                    magnitude: float | None = None, sizes=None, out_sizes=None, magnitudes=None) -> int:
+                    magnitude: float | None = None, sizes=None, out_sizes=None, magnitudes=None,
+                    replays=None) -> int:
         """Set the epoch plan; returns the number of steps this epoch will run (from ``step_in_epoch``).
 
         ``sizes``: the output size of each step of the epoch (indexed by step in epoch; entries before
@@ -542,7 +572,13 @@ class ShardLoader(ClosableLoader):
 
         ``out_sizes`` (same indexing; 0 = none): after the crop to ``sizes`` (and RandAugment) the worker
         Lanczos-resizes each sample to this size (``curriculum.lowpass: lanczos``); at most the step's crop size.
-        CPU decode only."""
+        CPU decode only.
+
+        ``replays`` (same indexing; 0 or 1 = none): replay factor r of each step (``curriculum.replay``): the batch
+        holds batch / r images decoded once each, every one as r consecutive rows of independently drawn crops
+        (box, flip, RandAugment; the trainer draws each row its own mask); the samples of the other rows of the
+        plan are skipped undecoded. r must divide the batch size. CPU decode only. ``batch["fresh"]`` marks the
+        rows decoded from their own sample (not a replica, not a corrupt sample's stand-in)."""
         self.epoch, self.step_in_epoch = epoch, step_in_epoch
         self.dataset.control[0] = epoch
         self.dataset.control[1] = step_in_epoch
@@ -576,6 +612,17 @@ class ShardLoader(ClosableLoader):
                 raise ValueError(f"Lanczos output sizes must lie in [0, the step's crop size]; got "
                                  f"{out.min()}..{out.max()}")
             self.dataset.out_sizes[: out.size] = torch.from_numpy(out.astype(np.int32))
+        self.dataset.replays.zero_()
+        if replays is not None:
+            reps = np.asarray(replays, dtype=np.int64).reshape(-1)[: len(self.dataset.replays)]
+            if reps.size and reps.max() > 1:
+                if self.spec.decode != "cpu":
+                    raise ValueError("replay (curriculum.replay) needs data.decode: cpu")
+                bad = [int(r) for r in np.unique(reps) if r > 1 and self.spec.batch_size % r]
+                if reps.min() < 0 or bad:
+                    raise ValueError(f"replay factors must be >= 0 and divide the batch size "
+                                     f"{self.spec.batch_size}; got {bad or int(reps.min())}")
+            self.dataset.replays[: reps.size] = torch.from_numpy(reps.astype(np.int32))
         steps = self.steps_in_epoch(self.dataset.keep.numpy())
         if steps == 0:
             raise ValueError(

@@ -212,28 +212,31 @@ class SampleTransform:
     def decode(self, img: Image.Image, data: bytes, box: tuple[int, int, int, int]) -> tuple[torch.Tensor, tuple]:
         """Decode ``img`` (opened from ``data``) to uint8 (C, H', W') and ``box`` in its pixels (JPEGs whose
         crop is over twice the output size are decoded at 1/2, 1/4 or 1/8 scale)."""
+        t, boxes = self.decode_many(img, data, [box])
+        return t, boxes[0]
+
+    def decode_many(self, img: Image.Image, data: bytes,
+                    boxes: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, list[tuple]]:
+        """One decode of ``img`` for several crop ``boxes`` (replay): uint8 (C, H', W') and the boxes in its
+        pixels. A JPEG is decoded at 1/2, 1/4 or 1/8 scale when even the smallest box still has over twice the
+        output size on its short side at that scale (the rule of a single box, applied to the smallest)."""
         cfg = self.cfg
-        i, j, h, w = box
         if img.format == "JPEG":
-            if min(h, w) > 2 * cfg.size:
-                # decode at 1/2, 1/4 or 1/8 scale while the crop still has >= size pixels on its short side
+            short = min(min(h, w) for _, _, h, w in boxes)
+            if short > 2 * cfg.size:
+                # decode at 1/2, 1/4 or 1/8 scale while every crop still has >= size pixels on its short side
                 w0, h0 = img.size
-                factor = min(h, w) / cfg.size
+                factor = short / cfg.size
                 img.draft("RGB", (math.ceil(w0 / factor), math.ceil(h0 / factor)))
                 sx, sy = img.size[0] / w0, img.size[1] / h0
-                # the box's edges rounded to the nearest pixel of the reduced image (at most half a reduced
-                # pixel off; the old truncation shifted the crop by up to one)
-                top, left = min(round(i * sy), img.size[1] - 1), min(round(j * sx), img.size[0] - 1)
-                bottom = min(max(round((i + h) * sy), top + 1), img.size[1])
-                right = min(max(round((j + w) * sx), left + 1), img.size[0])
-                box = (top, left, bottom - top, right - left)
+                boxes = [_scale_box(b, sx, sy, img.size) for b in boxes]
             elif img.mode in ("RGB", "L") and _tv_decode_jpeg is not None:
                 t = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
                 if t.shape[0] in (1, 3) and tuple(t.shape[1:]) == (img.size[1], img.size[0]):
-                    return t, box
+                    return t, list(boxes)
         if img.mode not in ("RGB", "L"):
             img = _to_rgb(img)
-        return _pil_to_tensor(img), box
+        return _pil_to_tensor(img), list(boxes)
 
     @property
     def out_size(self) -> int:
@@ -243,8 +246,16 @@ class SampleTransform:
 
     def apply(self, img: Image.Image, data: bytes, p: CropParams) -> torch.Tensor:
         """Decode, crop, resize, flip (and RandAugment, then the Lanczos low-pass) with the drawn parameters ``p``."""
-        t, box = self.decode(img, data, (p.top, p.left, p.height, p.width))
-        out = resized_crop(t, box, self.cfg.size, p.flip)
+        return self.apply_many(img, data, [p])[0]
+
+    def apply_many(self, img: Image.Image, data: bytes, ps: list[CropParams]) -> list[torch.Tensor]:
+        """:meth:`apply` for several drawn parameters from one decode (replay): one output per entry of ``ps``,
+        RandAugment drawn for each in turn."""
+        t, boxes = self.decode_many(img, data, [(p.top, p.left, p.height, p.width) for p in ps])
+        return [self._finish(resized_crop(t, box, self.cfg.size, p.flip)) for box, p in zip(boxes, ps)]
+
+    def _finish(self, out: torch.Tensor) -> torch.Tensor:
+        """RandAugment, then the Lanczos low-pass, of one cropped uint8 (3, size, size) image (where configured)."""
         lanczos = self.out_size != self.cfg.size
         if self._ra is not None or lanczos:
             pil = Image.fromarray(out.permute(1, 2, 0).numpy())
@@ -260,6 +271,24 @@ class SampleTransform:
         p = self.params(img)
         with one_thread():
             return self.apply(img, data, p)
+
+    def views(self, data: bytes, n: int) -> list[torch.Tensor]:
+        """``n`` independently drawn crops (box, flip, RandAugment) of one image, decoded once: replay's unit.
+        With ``n == 1`` exactly :meth:`__call__` (the same RNG draws in the same order)."""
+        img = open_image(data, self.max_pixels)
+        ps = [self.params(img) for _ in range(n)]
+        with one_thread():
+            return self.apply_many(img, data, ps)
+
+
+def _scale_box(box: tuple[int, int, int, int], sx: float, sy: float, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``box`` (top, left, height, width) of a full-size image in the pixels of its ``size`` = (w, h) reduced decode:
+    the edges rounded to the nearest reduced pixel (at most half a reduced pixel off)."""
+    i, j, h, w = box
+    top, left = min(round(i * sy), size[1] - 1), min(round(j * sx), size[0] - 1)
+    bottom = min(max(round((i + h) * sy), top + 1), size[1])
+    right = min(max(round((j + w) * sx), left + 1), size[0])
+    return (top, left, bottom - top, right - left)
 
 
 def lanczos_resize(images_u8: torch.Tensor, size: int) -> torch.Tensor:

@@ -180,11 +180,16 @@ def all_reduce_flags(flags: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum_int(value: int) -> int:
+    return all_reduce_sum_ints([value])[0]
+
+
+def all_reduce_sum_ints(values: list[int]) -> list[int]:
+    """Sums over the ranks of a few integers, in one collective."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([value], dtype=torch.int64, device=device())
+        t = torch.tensor(values, dtype=torch.int64, device=device())
         dist.all_reduce(t)
-        return int(t.item())
-    return value
+        return [int(v) for v in t.tolist()]
+    return list(values)
 
 
 def shutdown(wait_for_peers: bool = True) -> None:

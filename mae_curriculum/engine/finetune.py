@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import time
+from typing import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 
 from mae_curriculum.config import ConfigError
 from mae_curriculum.config_finetune import FinetuneConfig, effective_drop_path, uses_mixup
+from mae_curriculum.curriculum.flops import (TRAINING_FLOPS_PER_FORWARD, measured_forward_flops,
+                                             vit_classifier_flops_per_image)
 from mae_curriculum.curriculum.schedule import Stage, schedule_for
 from mae_curriculum.data.eval_loader import EvalLoader
 from mae_curriculum.data.index import load_index
@@ -56,7 +59,7 @@ from mae_curriculum.engine.lr import lr_at, set_lr
 from mae_curriculum.engine.metrics import TrainMetrics
 from mae_curriculum.engine.optim import build_optimizer
 from mae_curriculum.engine.pretrained import write_report
-from mae_curriculum.engine.progress import Budget, step_sizes, step_stages
+from mae_curriculum.engine.progress import Budget, step_replays, step_sizes, step_stages
 from mae_curriculum.engine.state import Counters
 
 log = logging.getLogger("mae_curriculum.finetune")
@@ -88,6 +91,7 @@ class FinetuneRun(RunLifecycle):
         self.best = {"top1": -1.0, "epoch": -1}
         self.wall_before = 0.0  # wall time of earlier (resumed) attempts
         self.last_eval: tuple[dict, int] = ({}, -1)  # the latest evaluation and the step it was made at
+        self.decoded_local = 0  # rows of this rank decoded from their own sample since the last sync
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -113,7 +117,7 @@ class FinetuneRun(RunLifecycle):
         self._data()
         cost = (lambda s: float(s * s)) if self.schedule.accounting == "compute" else (lambda s: 1.0)
         self.budget = Budget(self.schedule, m.img_size, cost, cfg.train.epochs,
-                             self.full_steps * cfg.train.batch_size * self.world)
+                             self.full_steps * cfg.train.batch_size * self.world, flops=self.flops_per_image())
         grow = cfg.curriculum.grow_micro_batch and self.cached is None  # the one mechanism of both engines
         self.accum = Accumulation(cfg.train.grad_accum, m.img_size, grow=grow)
         if grow and cfg.train.grad_accum == 1 and min(self.schedule.sizes()) < m.img_size:
@@ -128,6 +132,34 @@ class FinetuneRun(RunLifecycle):
                                     self.budget.estimate_steps(self.global_batch, cfg.train.max_steps),
                                     self.counters.step, cfg.mode, cfg.log.progress_bar)
         self.metrics.start(self.counters.samples)
+
+    def flops_per_image(self) -> Callable[[int], float]:
+        """Training FLOPs of one image at a size, for the ``flops`` counters (``final.json``): a ViT's analytic
+        count (``vit_classifier_flops_per_image``); any other model's forward measured once at the final size
+        (``measured_forward_flops``) x 3, scaled by (B / final)^2. A linear probe trains only its head: on cached
+        features the head's FLOPs, else one encoder forward + the head's training FLOPs."""
+        m, cfg = self.cfg.model, self.cfg
+        if m.name == "vit":
+            def full(s: int) -> float:
+                return vit_classifier_flops_per_image(s, m.patch_size, m.embed_dim, m.depth, self.num_classes,
+                                                      m.mlp_ratio, m.in_chans)
+        else:
+            module = self.engine.module
+            x = torch.zeros(1, m.in_chans, m.img_size, m.img_size, device=self.dev)
+            was_training = module.training
+            module.eval()
+            with self.autocast():
+                base = measured_forward_flops(module, (x.to(next(module.parameters()).dtype),))
+            module.train(was_training)
+
+            def full(s: int) -> float:
+                return TRAINING_FLOPS_PER_FORWARD * base * (s / m.img_size) ** 2
+        if cfg.mode != "linprobe":
+            return full
+        head = TRAINING_FLOPS_PER_FORWARD * 2.0 * m.embed_dim * self.num_classes
+        if self.cached is not None:
+            return lambda s: head
+        return lambda s: full(s) / TRAINING_FLOPS_PER_FORWARD + head
 
     def _engine(self):
         import deepspeed
@@ -274,8 +306,10 @@ class FinetuneRun(RunLifecycle):
                 yield x, y
             return
         magnitude = self.magnitude(self.schedule.stage_at(c.progress))
+        replays = step_replays(self.budget, cfg.curriculum.replay, c.progress, self.full_steps, c.step_in_epoch,
+                               cfg.train.batch_size * self.world, 1.0, cfg.train.grad_accum, self.accum.merge_for)
         self.loader.start_epoch(c.epoch, c.step_in_epoch, None, magnitude=magnitude, out_sizes=self.lanczos_plan(),
-                                magnitudes=self.magnitude_plan())
+                                magnitudes=self.magnitude_plan(), replays=replays)
 
         def numbered():
             for b in self.loader:
@@ -285,6 +319,7 @@ class FinetuneRun(RunLifecycle):
         for group in self.accum.groups(numbered(), lambda: self.schedule.stage_at(c.progress).size, self.set_merge):
             images = group[0]["image"] if len(group) == 1 else torch.cat([b["image"] for b in group])
             labels = group[0]["label"] if len(group) == 1 else torch.cat([b["label"] for b in group])
+            self.decoded_local += sum(int(b["fresh"].sum()) for b in group)
             yield normalise(images, self.mean, self.std, self.dev), labels.to(self.dev)
 
     def end_epoch(self) -> None:
@@ -356,7 +391,9 @@ class FinetuneRun(RunLifecycle):
 
     def scalars(self, loss: float, images_per_s: float) -> dict:
         stage = self.schedule.stage_at(self.counters.progress)
-        return {"train/loss": loss, "train/lr": self.lr(), "perf/images_per_s": images_per_s,
+        self.sync_data_counters()
+        return {"data/decoded_images": self.counters.decoded, "data/seen_images": self.counters.samples,
+                "train/loss": loss, "train/lr": self.lr(), "perf/images_per_s": images_per_s,
                 "train/micro_batch": self.cfg.train.batch_size * self.accum.merge,
                 "curriculum/B": self.cur_size, "curriculum/progress": self.counters.progress,
                 "curriculum/randaug_magnitude": max(self.magnitude(stage), 0.0)}
@@ -402,7 +439,15 @@ class FinetuneRun(RunLifecycle):
         return res
 
     # ---------------------------------------------------------------- checkpoints (the lifecycle's hooks)
+    def sync_data_counters(self) -> None:
+        """Fold every rank's decoded rows since the last call into ``counters.decoded`` (one collective; at log
+        steps and before a checkpoint, which every rank reaches at the same step). Cached features: nothing."""
+        if self.cached is None:
+            self.counters.decoded += D.all_reduce_sum_int(self.decoded_local)
+            self.decoded_local = 0
+
     def client_state(self) -> dict:
+        self.sync_data_counters()
         state = {"counters": self.counters.to_dict(), "best": self.best, "wall_time_s": self.wall()}
         if self.ema is not None:
             state["ema"] = self.ema.module.state_dict()
@@ -418,6 +463,7 @@ class FinetuneRun(RunLifecycle):
         self.set_size(int(saved.get("input_size", self.cur_size)))  # shapes must match the saved tables to load
         client = self.checkpointer.load(self.engine, path)
         self.counters = Counters.from_dict(client["counters"])
+        self.decoded_local = 0  # rows of steps the restore undoes
         self.best, self.wall_before = client["best"], client["wall_time_s"]
         if self.ema is not None and "ema" in client:
             self.ema.module.load_state_dict(client["ema"])
@@ -447,7 +493,7 @@ class FinetuneRun(RunLifecycle):
             final = {"mode": cfg.mode, "top1": res["top1"], "top5": res["top5"], "loss": res["loss"],
                      "best_top1": self.best["top1"], "best_epoch": self.best["epoch"],
                      "epochs": round(c.epoch + c.step_in_epoch / self.full_steps, 3),
-                     "steps": c.step, "samples": c.samples, "flops": c.flops, "wall_time_s": round(self.wall(), 2),
+                     "steps": c.step, "samples": c.samples, "decoded": c.decoded, "flops": c.flops, "wall_time_s": round(self.wall(), 2),
                      "val_count": res["count"], "val_id_sum": res["id_sum"], "val_unreadable": res["unreadable"],
                      "world_size": self.world, "global_batch": self.global_batch, "base_lr": self.base_lr,
                      "schedule": self.schedule.name, "nonfinite_skips": c.nonfinite_skips, "rollbacks": c.rollbacks,

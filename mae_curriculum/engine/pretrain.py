@@ -39,7 +39,7 @@ from mae_curriculum.engine.logging import Scalars, reconstruction_grid, save_png
 from mae_curriculum.engine.lr import lr_at, set_lr
 from mae_curriculum.engine.metrics import TrainMetrics
 from mae_curriculum.engine.optim import mae_param_groups
-from mae_curriculum.engine.progress import Budget, step_sizes
+from mae_curriculum.engine.progress import Budget, step_replays, step_sizes
 from mae_curriculum.engine.state import Counters
 from mae_curriculum.models.mae import build_mae
 
@@ -58,6 +58,7 @@ class MicroBatch:
     ids: torch.Tensor  # global sample ids (pruning)
     corrupt: int  # samples replaced because they could not be read
     keys: list[tuple[int, int]]  # (epoch, batch in epoch) of each merged loader batch: seeds its masks
+    fresh: int = 0  # rows decoded from their own sample (not a replay row, not a corrupt sample's stand-in)
 
 
 @dataclass
@@ -71,7 +72,8 @@ class PretrainRun(RunLifecycle):
     def __init__(self, cfg: PretrainConfig, resume: str = "auto"):
         super().__init__(cfg, resume)
         self.mask_digests: dict[str, str] = {}  # sha1 of the keep mask per epoch: equal on every rank
-        self.corrupt_local = 0
+        self.corrupt_local = 0  # corrupt / decoded rows of this rank since the last sync_data_counters()
+        self.decoded_local = 0
         self.prepared_size: int | None = None
         self.vis_images: torch.Tensor | None = None
         self.epoch_scale = 1.0  # unpruned / pruned epoch length (set at each epoch start)
@@ -187,6 +189,7 @@ class PretrainRun(RunLifecycle):
             c.micro_step += 1
             res = self.train_step(mb, stage)
             self.corrupt_local += mb.corrupt
+            self.decoded_local += mb.fresh
             if self.pruning:
                 self.record_losses(mb.ids, res.per_sample)
             verdict = self.handle_nonfinite(res.agreed.nonfinite)  # skip, or roll back after several
@@ -229,7 +232,11 @@ class PretrainRun(RunLifecycle):
             if cfg.data.stage_sized_decode:
                 plan = [stage_crop_size(b, m.img_size, m.patch_size) if b else 0 for b in sizes]
             out = sizes if lanczos else None
-        self.loader.start_epoch(c.epoch, c.step_in_epoch, keep, magnitude=-1.0, sizes=plan, out_sizes=out)
+        replays = step_replays(self.budget, cfg.curriculum.replay, c.progress, self.epoch_steps, c.step_in_epoch,
+                               cfg.train.batch_size * self.world, self.epoch_scale, cfg.train.grad_accum,
+                               self.accum.merge_for)
+        self.loader.start_epoch(c.epoch, c.step_in_epoch, keep, magnitude=-1.0, sizes=plan, out_sizes=out,
+                                replays=replays)
 
     def micro_batches(self):
         """The rest of the epoch as micro-batches: single loader batches, or at low resolution with
@@ -245,12 +252,13 @@ class PretrainRun(RunLifecycle):
             if len({tuple(b["image"].shape[-2:]) for b, _ in pending}) > 1:  # the size plan prevents this
                 raise TrainingError(f"loader batches of different sizes in one micro-batch at step "
                                     f"{c.step_in_epoch} of epoch {c.epoch}")
-            merged = {k: torch.cat([b[k] for b, _ in pending]) for k in ("image", "id", "corrupt")}
+            merged = {k: torch.cat([b[k] for b, _ in pending]) for k in ("image", "id", "corrupt", "fresh")}
             if merged["image"].shape[-1] < self.schedule.stage_at(c.progress).size:
                 raise TrainingError(f"the loader cropped step {c.step_in_epoch} of epoch {c.epoch} to "
                                     f"{merged['image'].shape[-1]} px, below the stage's B "
                                     f"{self.schedule.stage_at(c.progress).size} (size plan out of step)")
-            yield MicroBatch(merged["image"], merged["id"], int(merged["corrupt"].sum()), [k for _, k in pending])
+            yield MicroBatch(merged["image"], merged["id"], int(merged["corrupt"].sum()), [k for _, k in pending],
+                             fresh=int(merged["fresh"].sum()))
 
     def end_epoch(self) -> None:
         c = self.counters
@@ -299,18 +307,28 @@ class PretrainRun(RunLifecycle):
 
     def scalars(self, loss: float, images_per_s: float, stage: Stage) -> dict:
         c = self.counters
-        c.corrupt_samples += D.all_reduce_sum_int(self.corrupt_local)
-        self.corrupt_local = 0
+        self.sync_data_counters()
         g = self.optimizer.param_groups[0]
         return {"train/loss": loss, "train/lr": g["lr"] / g.get("lr_scale", 1.0),
                 "train/micro_batch": self.cfg.train.batch_size * self.accum.merge, "perf/images_per_s": images_per_s,
                 "curriculum/B": stage.size, "curriculum/stage": stage.index, "curriculum/progress": c.progress,
                 "curriculum/gflops_per_image": self.flops_per_image(stage.size) / 1e9,
                 "curriculum/cumulative_pflops": c.flops / 1e15, "data/epoch": c.epoch,
-                "data/corrupt_samples": c.corrupt_samples}
+                "data/corrupt_samples": c.corrupt_samples, "data/decoded_images": c.decoded,
+                "data/seen_images": c.samples}
+
+    def sync_data_counters(self) -> None:
+        """Fold every rank's corrupt / decoded rows since the last call into the counters (one collective; at log
+        steps and before a checkpoint, which every rank reaches at the same step)."""
+        c = self.counters
+        corrupt, decoded = D.all_reduce_sum_ints([self.corrupt_local, self.decoded_local])
+        c.corrupt_samples += corrupt
+        c.decoded += decoded
+        self.corrupt_local = self.decoded_local = 0
 
     # ------------------------------------------------------------------ checkpoints (the lifecycle's hooks)
     def client_state(self) -> dict:
+        self.sync_data_counters()
         return {"counters": self.counters.to_dict(), "pruner": self.pruner.state_dict()}
 
     def run_state(self) -> dict:
@@ -331,6 +349,7 @@ class PretrainRun(RunLifecycle):
                                     f"there and {mine[k]} here", EXIT_USAGE)
         client = self.checkpointer.load(self.engine, path)
         self.counters = Counters.from_dict(client["counters"])
+        self.decoded_local = 0  # rows of steps the restore undoes (their samples are undone too)
         if saved and (saved.get("world_size"), saved.get("batch_size")) != (self.world, self.cfg.train.batch_size):
             log.warning("resuming with a different world size or batch size (%s x %s -> %s x %s): the data order "
                         "restarts at the current epoch's beginning", saved.get("world_size"), saved.get("batch_size"),

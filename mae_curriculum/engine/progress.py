@@ -22,6 +22,9 @@ class Budget:
     cost: Callable[[int], float]  # training cost of one image at a size (FLOPs, or any unit proportional to them)
     epochs: float
     epoch_images: int  # images in one unpruned epoch, all ranks
+    # training FLOPs of one image at a size, for the ``flops`` counters; None: ``cost`` (pre-training, whose cost
+    # is its FLOP count). Fine-tuning's cost is a progress unit (1 per image, or B^2), not FLOPs.
+    flops: Callable[[int], float] | None = None
 
     @property
     def total_units(self) -> float:
@@ -35,8 +38,9 @@ class Budget:
         length, so that a pruned epoch spends one epoch of progress."""
         c.samples += images
         c.progress += self.progress_of(size, images, epoch_scale)
-        c.flops += self.cost(size) * images
-        c.full_flops += self.cost(self.final_size) * images * epoch_scale
+        flops = self.flops or self.cost
+        c.flops += flops(size) * images
+        c.full_flops += flops(self.final_size) * images * epoch_scale
 
     def progress_of(self, size: int, images: int, epoch_scale: float = 1.0) -> float:
         """The progress ``images`` (all ranks) at ``size`` add (what :meth:`consume` adds, to the last bit)."""
@@ -108,3 +112,14 @@ def step_stages(budget: Budget, progress: float, steps: int, start: int, loader_
             if p < 1.0 - 1e-12:
                 p += budget.progress_of(stage.size, loader_images * merge, epoch_scale)
     return out
+
+
+def step_replays(budget: Budget, replay: list[int], progress: float, steps: int, start: int, loader_images: int,
+                 epoch_scale: float, grad_accum: int, merge_for: Callable[[int], int] = lambda size: 1
+                 ) -> list[int] | None:
+    """The replay factor (``curriculum.replay``, one per stage) of every loader step of an epoch, from the stage
+    each step runs in (:func:`step_stages`); 0 before ``start``. None when no stage replays."""
+    if not replay or max(replay) <= 1:
+        return None
+    idx = step_stages(budget, progress, steps, start, loader_images, epoch_scale, grad_accum, merge_for)
+    return [replay[i] if i >= 0 else 0 for i in idx]

@@ -13,6 +13,7 @@ class Counters:
     epoch: int = 0
     step_in_epoch: int = 0  # loader batches consumed in the current epoch
     samples: int = 0  # images consumed, all ranks
+    decoded: int = 0  # of those, decoded from their own sample (replay rows and corrupt stand-ins are not)
     progress: float = 0.0  # fraction of the training budget spent (drives LR and curriculum)
     flops: float = 0.0  # training FLOPs actually spent, all ranks
     full_flops: float = 0.0  # what the same samples would have cost at the final size without pruning
