@@ -174,13 +174,13 @@ def main(argv=None) -> int:
                 runs.append({"path": path, "size": b, "crop_size": crop, "replay": r, "workers": w, "img_s": v,
                              "per_core_img_s": v / w})
             per_core = min(v / w for w, v in rates.items())
-            stages.append({"size": b, "crop_size": crop, "replay": r, "demand_img_s": demand, "per_core_img_s": per_core,
-                           "cores_needed": demand / per_core, "compute_share": shares[b],
+            stages.append({"size": b, "crop_size": crop, "replay": r, "demand_img_s": demand,
+                           "per_core_img_s": per_core, "cores_needed": demand / per_core, "compute_share": shares[b],
                            "gflops_per_image": flops(b) / 1e9,
                            "per_core_by_workers": {str(w): v / w for w, v in rates.items()}})
         by_path[path] = {"stages": stages, "inflation": inflation(stages, a.cores_per_gpu)}
-        print_table(stages, [("size", "B", "d"), ("crop_size", "S", "d"), ("replay", "r", "d"), ("compute_share", "share", ".2f"),
-                             ("demand_img_s", "demand img/s", ".0f"), ("per_core_img_s", "img/s/core", ".0f"),
+        print_table(stages, [("size", "B", "d"), ("crop_size", "S", "d"), ("replay", "r", "d"),
+                             ("compute_share", "share", ".2f"), ("demand_img_s", "demand img/s", ".0f"), ("per_core_img_s", "img/s/core", ".0f"),
                              ("cores_needed", "cores/GPU", ".1f")],
                     title=f"{path}: inflation at {a.cores_per_gpu:g} cores/GPU = {by_path[path]['inflation']:.3f}")
     top = by_path[a.path_list[-1]]

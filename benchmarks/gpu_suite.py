@@ -15,7 +15,8 @@ Parts (``--parts``, default all, in this order):
 * ``loader``: the real ``ShardLoader`` (``--workers`` processes, as ``engine.pretrain`` builds it) feeding the eager
   engine step, per stage and per loader path (``--loader-paths``: ``exact`` = final-size crop, Fourier crop on the
   device; ``stage_sized`` = ``data.stage_sized_decode``; ``lanczos`` = ``curriculum.lowpass: lanczos``, batches at
-  B; ``stage_sized_replay`` = stage-sized with ``curriculum.replay`` 4 / 2 / 1 by stage group): data-wait share of the loop (wait for the next batch / (wait + step)), images/s of the loop, then the loader
+  B; ``stage_sized_replay`` = stage-sized with ``curriculum.replay`` 4 / 2 / 1 by stage group): data-wait share of
+  the loop (wait for the next batch / (wait + step)), images/s of the loop, then the loader
   alone (img/s and per worker), and from those the cores per GPU each stage needs at the measured model speed and
   the predicted inflation at ``--workers`` cores (``data_capacity.inflation``).
 * ``decode``: ``data.decode: gpu`` (``data/gpu_decode.py``: workers ship JPEG bytes, nvJPEG + crop on the device)

@@ -171,7 +171,8 @@ def resolve_model(spec: str) -> dict[str, Any]:
     return cfg
 
 
-REPLAY_SUFFIX = ":replay"  # e.g. efficienttrain++:replay = that schedule with curriculum.replay 4 / 2 / 1 by stage group
+# e.g. efficienttrain++:replay = that schedule with curriculum.replay 4 / 2 / 1 by stage group
+REPLAY_SUFFIX = ":replay"
 
 
 def base_schedule(name: str) -> tuple[str, bool]:

@@ -31,8 +31,9 @@ from typing import Literal
 
 from mae_curriculum.config import (MAX_BATCH, MAX_DEPTH, MAX_IN_CHANS, CheckpointConfig, ConfigError,
                                    CurriculumConfig, DataConfig, LogConfig, OptimConfig, TrainConfig, check_heads,
-                                   check_image_grid, check_lowpass, check_replay, check_output_dir_rule, check_path_text,
-                                   check_shards_path, register_validator, validate_checkpoint, validate_curriculum,
+                                   check_image_grid, check_lowpass, check_output_dir_rule, check_path_text,
+                                   check_replay, check_shards_path, register_validator, validate_checkpoint,
+                                   validate_curriculum,
                                    validate_data, validate_log, validate_optim, validate_train)
 
 MAX_CLASSES = 1_000_000

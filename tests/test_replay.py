@@ -140,8 +140,8 @@ def test_bad_replay_configs_fail_in_one_line(tmp_path, value, match):
 
 def test_replay_config_accepts_one_factor_per_stage_and_needs_cpu_decode(tmp_path):
     (tmp_path / "d").mkdir()
-    ok = load_config(PretrainConfig, ROOT / "configs" / "demo.yaml", ["curriculum.replay=[4, 4, 2, 2, 2, 2, 1, 1, 1, 1]",
-                                                      f"data.train_shards={tmp_path / 'd'}"])
+    ok = load_config(PretrainConfig, ROOT / "configs" / "demo.yaml",
+                     ["curriculum.replay=[4, 4, 2, 2, 2, 2, 1, 1, 1, 1]", f"data.train_shards={tmp_path / 'd'}"])
     assert ok.curriculum.replay == [4, 4, 2, 2, 2, 2, 1, 1, 1, 1]
     with pytest.raises(ConfigError, match="needs data.decode: cpu"):
         load_config(PretrainConfig, ROOT / "configs" / "demo.yaml", ["curriculum.replay=[4, 4, 2, 2, 2, 2, 1, 1, 1, 1]",

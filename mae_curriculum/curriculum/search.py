@@ -296,7 +296,8 @@ class Proxy:
     def train_cmd(self, c: Candidate, seed: int, out: Path) -> list[str]:
         module = "finetune" if self.supervised else "pretrain"
         over = [f"output_dir={out}", "curriculum.schedule=custom", f"curriculum.accounting={self.accounting}",
-                f"curriculum.stages={_stages_value(c, self.accounting, self.max_magnitude)}", f"train.seed={seed}", "log.progress_bar=false"]
+                f"curriculum.stages={_stages_value(c, self.accounting, self.max_magnitude)}", f"train.seed={seed}",
+                "log.progress_bar=false"]
         if c.budget != 1.0:
             over.append(f"train.epochs={self.epochs * c.budget!r}")
         return [sys.executable, "-m", f"mae_curriculum.cli.{module}", "--config", str(self.config),

@@ -281,7 +281,8 @@ class SampleTransform:
             return self.apply_many(img, data, ps)
 
 
-def _scale_box(box: tuple[int, int, int, int], sx: float, sy: float, size: tuple[int, int]) -> tuple[int, int, int, int]:
+def _scale_box(box: tuple[int, int, int, int], sx: float, sy: float,
+               size: tuple[int, int]) -> tuple[int, int, int, int]:
     """``box`` (top, left, height, width) of a full-size image in the pixels of its ``size`` = (w, h) reduced decode:
     the edges rounded to the nearest reduced pixel (at most half a reduced pixel off)."""
     i, j, h, w = box

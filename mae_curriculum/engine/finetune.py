@@ -29,9 +29,9 @@ import contextlib
 import json
 import logging
 import time
-from typing import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -493,7 +493,8 @@ class FinetuneRun(RunLifecycle):
             final = {"mode": cfg.mode, "top1": res["top1"], "top5": res["top5"], "loss": res["loss"],
                      "best_top1": self.best["top1"], "best_epoch": self.best["epoch"],
                      "epochs": round(c.epoch + c.step_in_epoch / self.full_steps, 3),
-                     "steps": c.step, "samples": c.samples, "decoded": c.decoded, "flops": c.flops, "wall_time_s": round(self.wall(), 2),
+                     "steps": c.step, "samples": c.samples, "decoded": c.decoded, "flops": c.flops,
+                     "wall_time_s": round(self.wall(), 2),
                      "val_count": res["count"], "val_id_sum": res["id_sum"], "val_unreadable": res["unreadable"],
                      "world_size": self.world, "global_batch": self.global_batch, "base_lr": self.base_lr,
                      "schedule": self.schedule.name, "nonfinite_skips": c.nonfinite_skips, "rollbacks": c.rollbacks,
