@@ -98,19 +98,21 @@ def test_one_decode_serves_every_crop(woof, monkeypatch):
     assert calls == [4] * (steps * 8 // 4)
 
 
-def test_one_view_is_the_single_crop_transform(woof):
-    """``views(data, 1)`` draws and decodes exactly as the single-crop transform (r = 1 changes nothing)."""
+def test_one_view_is_the_single_crop_path(woof):
+    """``views(data, 1)`` (what ``__call__`` and every r = 1 step use) draws the box and flip from the header, then
+    decodes and crops: exactly ``apply(img, data, params(img))``, the path the GPU decode's CPU fallback shares."""
     from mae_curriculum.data.loader import read_raw
-    from mae_curriculum.data.transforms import seed_sample
+    from mae_curriculum.data.transforms import open_image, seed_sample
 
     index = load_index(woof)
-    t = SampleTransform(AugmentConfig(size=224))
+    t = SampleTransform(AugmentConfig(size=224, randaug_magnitude=5.0))
     for _, sample in read_raw(index, torch.arange(6).numpy(), lambda e: None):
         data = sample["jpg"]
         seed_sample(0, 0, 1)
-        one = t(data)
+        img = open_image(data)
+        ref = t.apply(img, data, t.params(img))
         seed_sample(0, 0, 1)
-        assert torch.equal(t.views(data, 1)[0], one)
+        assert torch.equal(t.views(data, 1)[0], ref)
 
 
 def test_step_replays_follow_the_stages():

@@ -209,12 +209,6 @@ class SampleTransform:
         """Crop box and flip for ``img`` (only its header is read): see :func:`draw_params`."""
         return draw_params(img.size[0], img.size[1], self.cfg)
 
-    def decode(self, img: Image.Image, data: bytes, box: tuple[int, int, int, int]) -> tuple[torch.Tensor, tuple]:
-        """Decode ``img`` (opened from ``data``) to uint8 (C, H', W') and ``box`` in its pixels (JPEGs whose
-        crop is over twice the output size are decoded at 1/2, 1/4 or 1/8 scale)."""
-        t, boxes = self.decode_many(img, data, [box])
-        return t, boxes[0]
-
     def decode_many(self, img: Image.Image, data: bytes,
                     boxes: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, list[tuple]]:
         """One decode of ``img`` for several crop ``boxes`` (replay): uint8 (C, H', W') and the boxes in its
@@ -267,14 +261,11 @@ class SampleTransform:
         return out
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        img = open_image(data, self.max_pixels)
-        p = self.params(img)
-        with one_thread():
-            return self.apply(img, data, p)
+        return self.views(data, 1)[0]
 
     def views(self, data: bytes, n: int) -> list[torch.Tensor]:
         """``n`` independently drawn crops (box, flip, RandAugment) of one image, decoded once: replay's unit.
-        With ``n == 1`` exactly :meth:`__call__` (the same RNG draws in the same order)."""
+        With ``n == 1`` the single-crop path: :meth:`params`, then :meth:`apply` (the RNG draws in that order)."""
         img = open_image(data, self.max_pixels)
         ps = [self.params(img) for _ in range(n)]
         with one_thread():
