@@ -31,7 +31,12 @@ max(compute time, data time) per stage, data and compute fully overlapped.
         --mfu 0.40 --workers 1,2 --images 1024 --cores-per-gpu 12 --out FILE.json
     python benchmarks/data_capacity.py --quick --shards DIR --out /tmp/capacity.json     # smoke test
 
-Techniques one at a time: ``--paths exact,stage_sized,replay,stage_sized_replay``.
+Techniques one at a time: ``--paths exact,stage_sized,replay,stage_sized_replay``; with ``device_crop`` in a path's
+name (``device_crop``, ``device_crop_replay``, ``stage_sized_device_crop_replay``, ...: ``data.crop: device``) the
+workers decode and ship canvases, and the crop + resize is left to the device (``roi_align``, measured by
+``benchmarks/gpu_suite.py`` on a GPU, not here): the rate counts rows as the workers hand them over. Every stage also
+reports the uint8 bytes per image the workers hand over (``shipped_kb_per_image``) and what that is per second at the
+GPU's demand (``shipped_gb_s_at_demand``: the host-to-device copy and its pinning in the main process).
 
 JSON: ``{"stages": [{"size", "crop_size", "replay", "demand_img_s", "per_core_img_s", "cores_needed", "compute_share",
 ...}], "inflation", "env", "runs": [every (path, workers) measurement]}``; the top-level ``stages`` /
@@ -57,7 +62,8 @@ from mae_curriculum.data.index import load_index  # noqa: E402
 from mae_curriculum.data.loader import ShardLoader, StreamSpec, stage_crop_size  # noqa: E402
 from mae_curriculum.data.transforms import AugmentConfig  # noqa: E402
 
-PATHS = ("exact", "stage_sized", "replay", "stage_sized_replay")
+PATHS = ("exact", "stage_sized", "replay", "stage_sized_replay", "device_crop", "stage_sized_device_crop",
+         "device_crop_replay", "stage_sized_device_crop_replay")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [x for x in a.path_list if x not in PATHS]
     if bad or not a.path_list or not a.worker_counts or min(a.worker_counts) < 1:
         p.error(f"--paths must be from {PATHS} and --workers >= 1")
+    if a.randaug >= 0 and any("device_crop" in x for x in a.path_list):
+        p.error("--randaug: RandAugment runs on each crop in the workers; the device_crop paths take none")
     return a
 
 
@@ -120,30 +128,41 @@ def replay_by_size(schedule, replay: list[int]) -> dict[int, int]:
     return out
 
 
-def measure(index, a, final: int, crop: int, workers: int, replay: int = 1) -> float:
+def measure(index, a, final: int, crop: int, workers: int, replay: int = 1, device_crop: bool = False,
+            shipped: list | None = None) -> float:
     """Images/s (rows the model sees) of the real loader with ``workers`` workers, every step cropped to ``crop``
-    (the final size: the exact path), each decoded image replayed ``replay`` times."""
+    (the final size: the exact path), each decoded image replayed ``replay`` times. ``device_crop``
+    (``data.crop: device``): the workers ship canvases; the batches are counted as they leave the workers (the crop
+    itself is the device's work, one ``roi_align`` per batch, not this machine's CPU). ``shipped`` gets the uint8
+    bytes per row handed over by the workers."""
     spec = StreamSpec(index, a.batch, 1, 0, workers, a.seed, a.shuffle_buffer,
-                      AugmentConfig(size=final, scale=(0.2, 1.0), hflip=0.5, randaug_magnitude=a.randaug))
-    loader = ShardLoader(spec)
+                      AugmentConfig(size=final, scale=(0.2, 1.0), hflip=0.5, randaug_magnitude=a.randaug),
+                      crop="device" if device_crop else "workers")
+    loader = ShardLoader(spec, decode_device="cpu")
+    batches = loader.loader if device_crop else loader  # device crops: the batches as the workers hand them over
+    pixels = "canvas" if device_crop else "image"
     try:
         sizes = None if crop == final else [crop] * loader.steps_in_epoch()
         replays = None if replay == 1 else [replay] * loader.steps_in_epoch()
         loader.start_epoch(0, sizes=sizes, replays=replays)
-        for k, batch in enumerate(loader):  # start the persistent workers (not timed)
-            assert batch["image"].shape[-1] == crop, (batch["image"].shape, crop)
+        for k, batch in enumerate(batches):  # start the persistent workers (not timed)
+            assert device_crop or batch["image"].shape[-1] == crop, (batch["image"].shape, crop)
             if k + 1 >= workers:
                 break
-        images, epoch = 0, 1
+        images, epoch, nbytes = 0, 1, 0
         t0 = time.perf_counter()
         while images < a.images:
             loader.start_epoch(epoch, sizes=sizes, replays=replays)
-            for batch in loader:
-                images += batch["image"].shape[0]
+            for batch in batches:
+                images += len(batch["id"])
+                nbytes += batch[pixels].numel()
                 if images >= a.images:
                     break
             epoch += 1
-        return images / (time.perf_counter() - t0)
+        rate = images / (time.perf_counter() - t0)
+        if shipped is not None:
+            shipped.append(nbytes / images)
+        return rate
     finally:
         loader.close()
 
@@ -168,20 +187,25 @@ def main(argv=None) -> int:
         for b in sorted(shares):
             crop = stage_crop_size(b, final, patch) if path.startswith("stage_sized") else final
             r = reps[b] if path.endswith("replay") else 1
-            rates = {w: measure(index, a, final, crop, w, r) for w in a.worker_counts}
+            device = "device_crop" in path
+            shipped: list[float] = []
+            rates = {w: measure(index, a, final, crop, w, r, device, shipped) for w in a.worker_counts}
             demand = a.peak_tflops * 1e12 * a.mfu / flops(b)
             for w, v in rates.items():
                 runs.append({"path": path, "size": b, "crop_size": crop, "replay": r, "workers": w, "img_s": v,
                              "per_core_img_s": v / w})
             per_core = min(v / w for w, v in rates.items())
-            stages.append({"size": b, "crop_size": crop, "replay": r, "demand_img_s": demand,
-                           "per_core_img_s": per_core, "cores_needed": demand / per_core, "compute_share": shares[b],
-                           "gflops_per_image": flops(b) / 1e9,
+            per_row = sum(shipped) / len(shipped)
+            stages.append({"size": b, "crop_size": crop, "replay": r, "device_crop": device,
+                           "demand_img_s": demand, "per_core_img_s": per_core, "cores_needed": demand / per_core,
+                           "compute_share": shares[b], "gflops_per_image": flops(b) / 1e9,
+                           "shipped_kb_per_image": per_row / 1e3, "shipped_gb_s_at_demand": per_row * demand / 1e9,
                            "per_core_by_workers": {str(w): v / w for w, v in rates.items()}})
         by_path[path] = {"stages": stages, "inflation": inflation(stages, a.cores_per_gpu)}
         print_table(stages, [("size", "B", "d"), ("crop_size", "S", "d"), ("replay", "r", "d"),
                              ("compute_share", "share", ".2f"), ("demand_img_s", "demand img/s", ".0f"), ("per_core_img_s", "img/s/core", ".0f"),
-                             ("cores_needed", "cores/GPU", ".1f")],
+                             ("cores_needed", "cores/GPU", ".1f"), ("shipped_kb_per_image", "KB/img", ".0f"),
+                             ("shipped_gb_s_at_demand", "GB/s", ".2f")],
                     title=f"{path}: inflation at {a.cores_per_gpu:g} cores/GPU = {by_path[path]['inflation']:.3f}")
     top = by_path[a.path_list[-1]]
     env_["loadavg_1min_end"] = environment(torch.device("cpu")).get("loadavg_1min")

@@ -15,7 +15,9 @@ Parts (``--parts``, default all, in this order):
 * ``loader``: the real ``ShardLoader`` (``--workers`` processes, as ``engine.pretrain`` builds it) feeding the eager
   engine step, per stage and per loader path (``--loader-paths``: ``exact`` = final-size crop, Fourier crop on the
   device; ``stage_sized`` = ``data.stage_sized_decode``; ``lanczos`` = ``curriculum.lowpass: lanczos``, batches at
-  B; ``stage_sized_replay`` = stage-sized with ``curriculum.replay`` 4 / 2 / 1 by stage group): data-wait share of
+  B; ``stage_sized_replay`` = stage-sized with ``curriculum.replay`` 4 / 2 / 1 by stage group;
+  ``stage_sized_device_crop_replay`` = the same with ``data.crop: device``, the crops made by roi_align on the GPU
+  in the main process, inside the timed loop): data-wait share of
   the loop (wait for the next batch / (wait + step)), images/s of the loop, then the loader
   alone (img/s and per worker), and from those the cores per GPU each stage needs at the measured model speed and
   the predicted inflation at ``--workers`` cores (``data_capacity.inflation``).
@@ -70,7 +72,7 @@ from mae_curriculum.data.transforms import AugmentConfig  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 PARTS = ("model", "loader", "decode", "scripts")
-LOADER_PATHS = ("exact", "stage_sized", "lanczos", "stage_sized_replay")
+LOADER_PATHS = ("exact", "stage_sized", "lanczos", "stage_sized_replay", "stage_sized_device_crop_replay")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # configs' data.mean / std (engine.inputs.normalise)
 
 
@@ -234,9 +236,9 @@ def _plans(path: str, b: int, final: int, patch: int, steps: int) -> tuple[list[
     return None, [b] * steps  # lanczos: final-size crop, Lanczos to B in the worker
 
 
-def _spec(index, a, final: int, workers: int, decode: str = "cpu") -> StreamSpec:
+def _spec(index, a, final: int, workers: int, decode: str = "cpu", crop: str = "workers") -> StreamSpec:
     aug = AugmentConfig(size=final, scale=(0.2, 1.0), hflip=0.5, randaug_magnitude=-1.0)  # as engine.pretrain
-    return StreamSpec(index, a.batch, 1, 0, workers, 0, 1000, aug, decode=decode)
+    return StreamSpec(index, a.batch, 1, 0, workers, 0, 1000, aug, decode=decode, crop=crop)
 
 
 def loader_part(a, cfg: dict, sizes: list[int], index, tr: EngineTrainer, res: dict, schedule) -> None:
@@ -246,7 +248,9 @@ def loader_part(a, cfg: dict, sizes: list[int], index, tr: EngineTrainer, res: d
     out = {"workers": a.workers, "batch": a.batch, "paths": {}}
     replay = dict(zip((st.size for st in schedule.stages), replay_by_group(schedule)))
     for path in a.path_list:
-        loader = ShardLoader(_spec(index, a, final, a.workers), pin_memory=a.dev.type == "cuda")
+        crop = "device" if "device_crop" in path else "workers"
+        loader = ShardLoader(_spec(index, a, final, a.workers, crop=crop), pin_memory=a.dev.type == "cuda",
+                             decode_device=a.dev)
         steps = loader.steps_in_epoch()
         rows = []
         try:

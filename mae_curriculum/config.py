@@ -82,6 +82,7 @@ ScheduleName = Literal[SCHEDULE_NAMES]  # type: ignore[valid-type]  # the names 
 AccountingMode = Literal[ACCOUNTING_MODES]  # type: ignore[valid-type]  # "epochs" | "compute"
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DecodeDevice = Literal["cpu", "gpu"]
+CropPlace = Literal["workers", "device"]
 LowpassOperator = Literal["fourier", "lanczos"]
 ZeroStage = Literal[0, 1, 2, 3]
 
@@ -143,6 +144,13 @@ class PretrainDataConfig(DataConfig):
     synthetic_train_size: int = 3000
     synthetic_val_size: int = 500
     synthetic_image_size: int = 64
+    # where the crop + resize happens with data.decode cpu: "workers" (the worker path: each row leaves the workers
+    # as an S x S crop) or "device": the workers decode and ship each image's canvas (the union of its crop boxes,
+    # at the decoded resolution), the training device crops all rows of a batch in one roi_align; the boxes and flips
+    # are the worker path's, what the model sees within 40 dB PSNR of it (docs/benchmarks.md). Less CPU per row
+    # (most with curriculum.replay: one canvas for r rows), more bytes to the device. No RandAugment (pre-training
+    # has none) and curriculum.lowpass fourier.
+    crop: CropPlace = "workers"
 
 
 @dataclass
@@ -695,6 +703,17 @@ def check_lowpass(c: CurriculumConfig, d: DataConfig) -> None:
            f"(got {d.decode})")
 
 
+def check_crop_place(c: CurriculumConfig, d: PretrainDataConfig) -> None:
+    """``data.crop: device`` needs the CPU decode (the GPU decode path crops on the device anyway) and the Fourier
+    low-pass (Lanczos resizes each crop in the workers)."""
+    if d.crop != "device":
+        return
+    _check(d.decode == "cpu", f"data.crop: device is for data.decode: cpu (data.decode: gpu already crops on the "
+                              f"device); got data.decode: {d.decode}")
+    _check(c.lowpass == "fourier", "data.crop: device needs curriculum.lowpass: fourier (lanczos resizes each crop in "
+                                   "the loader workers)")
+
+
 def validate_pruning(p: PruningConfig) -> None:
     _check(p.method in ("none", "infobatch", "seta"), f"pruning.method must be none, infobatch or seta; got {p.method!r}")
     _check(p.ratio == -1 or 0 <= p.ratio < 1,
@@ -717,6 +736,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     validate_curriculum(cfg.curriculum, cfg.model.img_size, cfg.model.patch_size)
     check_lowpass(cfg.curriculum, cfg.data)
     check_replay(cfg.curriculum, cfg.data, cfg.train.batch_size, cfg.model.img_size, cfg.model.patch_size)
+    check_crop_place(cfg.curriculum, cfg.data)
 
 
 _VALIDATORS: dict[type, Any] = {PretrainConfig: validate_pretrain}

@@ -98,10 +98,16 @@ def test_data_capacity_quick(tmp_path):
     from test_stage_sized import woof_shards
 
     shards = woof_shards(tmp_path / "shards", n=48)  # real imagewoof JPEGs (short side 320) when present
-    res = _bench("data_capacity", tmp_path, "--shards", str(shards), "--paths", "exact,stage_sized_replay,stage_sized")
+    res = _bench("data_capacity", tmp_path, "--shards", str(shards), "--paths",
+                 "exact,stage_sized_replay,stage_sized_device_crop_replay,stage_sized")
     _check_env(res)
     assert res["benchmark"] == "data_capacity" and res["path"] == "stage_sized"
-    assert set(res["by_path"]) == {"exact", "stage_sized", "stage_sized_replay"}
+    assert set(res["by_path"]) == {"exact", "stage_sized", "stage_sized_replay", "stage_sized_device_crop_replay"}
+    # device crops: the same plan, the workers ship canvases (the union of a group's boxes, uncropped): more bytes
+    dev, cpu = res["by_path"]["stage_sized_device_crop_replay"]["stages"], res["by_path"]["stage_sized_replay"]["stages"]
+    assert [s["replay"] for s in dev] == [4, 2, 1] and all(s["device_crop"] for s in dev)
+    assert all(_positive(s["per_core_img_s"]) and s["shipped_kb_per_image"] > 0 for s in dev)
+    assert dev[-1]["shipped_kb_per_image"] > cpu[-1]["shipped_kb_per_image"] == pytest.approx(3 * 224 * 224 / 1e3)
     # replay 4 / 2 / 1 (the default) at B = 96 / 160 / 224; none on the other paths
     assert [s["replay"] for s in res["by_path"]["stage_sized_replay"]["stages"]] == [4, 2, 1]
     assert {s["replay"] for s in res["stages"]} == {1}
@@ -135,14 +141,15 @@ def test_gpu_suite_quick(tmp_path):
     from mae_curriculum.data.loader import stage_crop_size
 
     final, patch = max(sizes), res["settings"]["patch_size"]
-    assert set(res["loader"]["paths"]) == {"exact", "stage_sized", "lanczos", "stage_sized_replay"}
+    assert set(res["loader"]["paths"]) == {"exact", "stage_sized", "lanczos", "stage_sized_replay",
+                                           "stage_sized_device_crop_replay"}
     for path, p in res["loader"]["paths"].items():
         for r in p["rows"]:
             assert 0 <= r["wait_share"] < 1 and _positive(r["loader_only_img_s"]) and _positive(r["cores_needed"])
             b = r["size"]
-            assert r["loader_output"] == {"exact": final, "stage_sized": stage_crop_size(b, final, patch),
-                                          "stage_sized_replay": stage_crop_size(b, final, patch), "lanczos": b}[path]
-            assert r["replay"] == (({min(sizes): 4, final: 1}.get(b, 2)) if path == "stage_sized_replay" else 1)
+            assert r["loader_output"] == (b if path == "lanczos" else final if path == "exact"
+                                          else stage_crop_size(b, final, patch))
+            assert r["replay"] == (({min(sizes): 4, final: 1}.get(b, 2)) if path.endswith("replay") else 1)
         assert p["inflation_at_workers"] >= 1.0
     assert all(_positive(r["img_s"]) for r in res["decode"]["rows"]) and res["decode"]["cpu_stand_in"]
     for script in ("pretrain", "finetune"):

@@ -74,9 +74,11 @@ STAGE_SIZED = [*RESUME, "model.img_size=64", "data.stage_sized_decode=true", "tr
 
 
 @pytest.mark.slow
-def test_kill9_after_a_stage_sized_change_then_resume_is_bitwise_identical(tmp_path, demo_data):
+@pytest.mark.parametrize("crop", ["workers", "device"])  # data.crop: device = the device crops each batch
+def test_kill9_after_a_stage_sized_change_then_resume_is_bitwise_identical(tmp_path, demo_data, crop):
+    overrides = [*STAGE_SIZED, f"data.crop={crop}"]
     ref = tmp_path / "ref"
-    r = run(pretrain_cmd(ref, demo_data, *STAGE_SIZED))
+    r = run(pretrain_cmd(ref, demo_data, *overrides))
     assert r.returncode == 0, r.stderr[-3000:]
     final = read_json(ref / "final.json")
     assert final["decoded"] < final["samples"]  # replayed
@@ -84,9 +86,9 @@ def test_kill9_after_a_stage_sized_change_then_resume_is_bitwise_identical(tmp_p
     # resumed from the checkpoint before the change (the plan made at resume must change S) and from one after it
     for kill_at in (change + 1, change + 4):
         out = tmp_path / f"kill{kill_at}"
-        r = run(fault_cmd(pretrain_cmd(out, demo_data, *STAGE_SIZED), "--kill-at-step", str(kill_at)))
+        r = run(fault_cmd(pretrain_cmd(out, demo_data, *overrides), "--kill-at-step", str(kill_at)))
         assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-        r = run(pretrain_cmd(out, demo_data, *STAGE_SIZED))
+        r = run(pretrain_cmd(out, demo_data, *overrides))
         assert r.returncode == 0, r.stderr[-3000:]
         assert "resumed from" in r.stderr
         resumed = read_json(out / "final.json")

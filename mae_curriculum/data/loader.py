@@ -36,6 +36,11 @@ the samples the plan put in those rows are dropped undecoded. Positions and seed
 stays deterministic and a mid-epoch resume (at a step boundary) is exact. Each row's ``fresh`` flag is 1 when it
 was decoded from its own sample, so the trainer counts images decoded beside images seen.
 
+Device crops (``StreamSpec.crop = "device"``, config ``data.crop: device``): the workers decode as above but ship,
+instead of the r crops of a group, one canvas (the union of its r boxes at the decoded resolution) and the boxes; the
+main process crops every row of the batch on ``decode_device`` with one ``roi_align``
+(:mod:`~mae_curriculum.data.device_crop`). Same rows, boxes, flips and plans as the worker path.
+
 Decode: ``StreamSpec.decode = "cpu"`` (default) decodes and augments in the workers; ``"gpu"`` makes the
 workers ship raw JPEG bytes + crop params (drawn from the header with the same per-sample seeds) and decodes
 each batch in the main process with nvJPEG (see :mod:`~mae_curriculum.data.gpu_decode`).
@@ -80,6 +85,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils import signal_handling as _torch_signal_handling
 
+from mae_curriculum.data.device_crop import DeviceCropper, check_crop, collate_regions
 from mae_curriculum.data.gpu_decode import BatchDecoder, check_decode, encode_sample, make_collate
 from mae_curriculum.data.index import IMAGE_EXTS, ShardIndex, shard_samples, split_name
 from mae_curriculum.data.remote import open_shard
@@ -296,6 +302,9 @@ class StreamSpec:
     require_labels: bool = False  # True (fine-tuning): a bad / missing label makes the sample corrupt; else -1
     max_pixels: int = 0  # decompression-bomb bound (w*h from the header); 0: auto from augment.size
     max_member_bytes: int = MAX_MEMBER_BYTES  # a larger tar member is not read (its sample counts as corrupt)
+    # "workers": the workers crop and resize (uint8 S x S rows); "device": they ship each decoded image's canvas
+    # (the union of its crop boxes) and the main process crops on the device (device_crop); CPU decode only
+    crop: str = "workers"
 
 
 class ShardStream(IterableDataset):
@@ -360,6 +369,7 @@ class ShardStream(IterableDataset):
         ids = worker_ids(order, s.world, s.rank, s.batch_size, nw, worker, s.steps_multiple)
         skip = consumed_by_worker(steps_done, nw, worker) * s.batch_size
         gpu = s.decode == "gpu"
+        device_crop = s.crop == "device"
         plan = self.sizes.numpy().copy()  # GPU path: only CPU-decoded samples use it here, the crop boxes do not
         out_plan = self.out_sizes.numpy().copy()
         magnitude = int(self.control[2])  # read once per epoch iterator, as the plan is
@@ -407,6 +417,11 @@ class ShardStream(IterableDataset):
                     seed_sample(s.seed, epoch, sid)
                     if gpu:
                         img = encode_sample(data, transform)
+                    elif device_crop:  # one canvas for the r rows of the group; the first row carries it
+                        canvas, boxes, flips = transform.regions(data, r)
+                        img = {"canvas": canvas, "box": boxes[0], "flip": flips[0]}
+                        replicas = [{"canvas": None, "box": b, "flip": f, "label": label, "id": sid, "corrupt": 0,
+                                     "fresh": 0} for b, f in zip(boxes[1:], flips[1:])]
                     elif r > 1:
                         views = transform.views(data, r)
                         img = {"image": views[0]}
@@ -516,6 +531,12 @@ class ClosableLoader:
         if getattr(self, "loader", None) is not None:
             stop_workers(self.loader)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __del__(self) -> None:
         try:
             self.close()
@@ -534,7 +555,9 @@ class ShardLoader(ClosableLoader):
 
     With ``spec.decode == "gpu"`` the batches are decoded in this process on ``decode_device`` (default: the
     current CUDA device; ``"cpu"`` runs the same code on the CPU, for tests) and ``batch["image"]`` is already
-    there; ``decoder`` holds the fallback / corrupt counts of that path."""
+    there; ``decoder`` holds the fallback / corrupt counts of that path. With ``spec.crop == "device"`` the workers
+    ship canvases and the batch is cropped in this process on ``decode_device`` (default: the current CUDA device,
+    else the CPU) by ``cropper`` (:mod:`~mae_curriculum.data.device_crop`)."""
 
     def __init__(self, spec: StreamSpec, pin_memory: bool = False, decode_device: str | torch.device | None = None):
         self.spec = spec
@@ -543,9 +566,16 @@ class ShardLoader(ClosableLoader):
         kw = {}
         if spec.num_workers > 0:
             kw = dict(persistent_workers=True, prefetch_factor=4, worker_init_fn=worker_init_fn())
+        self.cropper: DeviceCropper | None = None
         if check_decode(spec.decode) == "gpu":
             self.decoder = BatchDecoder(spec.augment.size, decode_device)
             kw["collate_fn"] = make_collate(spec.augment.size)
+        if check_crop(spec.crop) == "device":
+            if spec.decode != "cpu" or spec.augment.randaug_magnitude >= 0 or not spec.augment.train:
+                raise ValueError("device crops (data.crop: device) need data.decode: cpu, training crops and no "
+                                 "RandAugment (pre-training)")
+            self.cropper = DeviceCropper(spec.augment.size, decode_device)
+            kw["collate_fn"] = collate_regions
         self.loader = DataLoader(self.dataset, batch_size=spec.batch_size, num_workers=spec.num_workers,
                                  pin_memory=pin_memory, drop_last=False, **kw)
         self.epoch = 0
@@ -582,6 +612,9 @@ class ShardLoader(ClosableLoader):
         self.epoch, self.step_in_epoch = epoch, step_in_epoch
         self.dataset.control[0] = epoch
         self.dataset.control[1] = step_in_epoch
+        if self.cropper is not None and ((magnitude is not None and magnitude >= 0) or out_sizes is not None or (
+                magnitudes is not None and np.nanmax(np.asarray(magnitudes, dtype=np.float64), initial=-1.0) >= 0)):
+            raise ValueError("device crops (data.crop: device) take no RandAugment and no Lanczos output sizes")
         if magnitude is not None:
             self.dataset.control[2] = int(round(magnitude * 1000)) if magnitude >= 0 else -1000
         self.dataset.magnitudes.fill_(MAGNITUDE_UNSET)
@@ -633,9 +666,10 @@ class ShardLoader(ClosableLoader):
     def __iter__(self):
         try:
             for batch in self.loader:
-                if self.decoder is not None:
+                if self.decoder is not None or self.cropper is not None:
                     k = self.step_in_epoch
-                    batch = self.decoder(batch, int(self.dataset.sizes[k]) if k < len(self.dataset.sizes) else 0)
+                    size = int(self.dataset.sizes[k]) if k < len(self.dataset.sizes) else 0
+                    batch = (self.decoder or self.cropper)(batch, size)
                 self.step_in_epoch += 1
                 yield batch
         except Exception:  # e.g. re-raised from a worker: no worker outlives it

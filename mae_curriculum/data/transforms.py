@@ -271,6 +271,24 @@ class SampleTransform:
         with one_thread():
             return self.apply_many(img, data, ps)
 
+    def regions(self, data: bytes, n: int) -> tuple[torch.Tensor, list[tuple[int, int, int, int]], list[bool]]:
+        """The device-crop path's unit (``data.crop: device``, :mod:`.device_crop`): the boxes and flips of
+        :meth:`views` (same draws, same order), one decode (same DCT-scaling rule), and instead of the crops the
+        *canvas*: the union of the ``n`` boxes at the decoded resolution, uint8 (C, h, w) (a view of the decoded image), with the boxes
+        (top, left, height, width) in its pixels. No RandAugment nor Lanczos here (they are PIL ops on each crop)."""
+        if self._ra is not None or self.out_size != self.cfg.size:
+            raise ValueError("device crops need no RandAugment and no Lanczos low-pass in the workers")
+        img = open_image(data, self.max_pixels)
+        ps = [self.params(img) for _ in range(n)]
+        with one_thread():
+            t, boxes = self.decode_many(img, data, [(p.top, p.left, p.height, p.width) for p in ps])
+            top, left = min(b[0] for b in boxes), min(b[1] for b in boxes)
+            bottom, right = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+            canvas = t[:, top:bottom, left:right]  # a view: the collate copies it into the batch once
+        if canvas.shape[1:] != (bottom - top, right - left) or canvas.numel() == 0:
+            raise ValueError(f"crop boxes {boxes} outside the image {tuple(t.shape[1:])}")
+        return canvas, [(i - top, j - left, h, w) for i, j, h, w in boxes], [p.flip for p in ps]
+
 
 def _scale_box(box: tuple[int, int, int, int], sx: float, sy: float,
                size: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -54,7 +54,7 @@ def masking_seed(seed: int, epoch: int, batch_in_epoch: int, rank: int) -> int:
 
 @dataclass
 class MicroBatch:
-    images: torch.Tensor  # uint8 (N, 3, S, S), on the host (or the device with data.decode=gpu)
+    images: torch.Tensor  # uint8 (N, 3, S, S), on the host (on the device with data.decode gpu or data.crop device)
     ids: torch.Tensor  # global sample ids (pruning)
     corrupt: int  # samples replaced because they could not be read
     keys: list[tuple[int, int]]  # (epoch, batch in epoch) of each merged loader batch: seeds its masks
@@ -120,7 +120,7 @@ class PretrainRun(RunLifecycle):
         spec = StreamSpec(index, cfg.train.batch_size, self.world, self.rank, cfg.data.num_workers, cfg.train.seed,
                           cfg.data.shuffle_buffer, aug, steps_multiple=cfg.train.grad_accum, decode=cfg.data.decode,
                           require_labels=False, max_pixels=cfg.data.max_image_pixels,
-                          max_member_bytes=cfg.data.max_member_bytes)
+                          max_member_bytes=cfg.data.max_member_bytes, crop=cfg.data.crop)
         loader = ShardLoader(spec, pin_memory=cfg.data.pin_memory and torch.cuda.is_available(),
                              decode_device=self.dev)
         self.loaders.append(loader)
