@@ -72,7 +72,7 @@ def test_a_group_shares_one_canvas_and_two_workers_give_the_worker_paths_rows(wo
     assert first["canvas"].shape[0] == 2 and torch.equal(first["group"], torch.arange(8) // 4)
     assert torch.equal(first["fresh"], (torch.arange(8) % 4 == 0).long())
     # every box is a non-empty box inside the (padded) canvases
-    box, (h, w) = first["box"], first["canvas"].shape[-2:]
+    box, (h, w) = first["box"], first["canvas"].shape[1:3]
     assert (box[:, :2] >= 0).all() and (box[:, 2:] > box[:, :2]).all()
     assert (box[:, 2] <= w).all() and (box[:, 3] <= h).all()
     with loader_for(index, "workers", workers=2) as a, loader_for(index, "device", workers=2) as b:
@@ -105,8 +105,9 @@ def test_collate_pads_with_the_edge_and_a_batch_starts_with_a_canvas():
             {"canvas": None, "box": (1, 1, 2, 2), "flip": True, "label": 1, "id": 10, "corrupt": 0, "fresh": 0},
             {"canvas": rgb, "box": (0, 1, 5, 5), "flip": False, "label": 2, "id": 11, "corrupt": 0, "fresh": 1}]
     b = collate_regions(rows)
-    c = b["canvas"]
+    c = b["canvas"].permute(0, 3, 1, 2)  # shipped channels last
     assert c.shape == (2, 3, 5, 6) and torch.equal(b["group"], torch.tensor([0, 0, 1]))
+    assert torch.equal(c[1], rgb)
     assert all(torch.equal(c[0, k, :3, :4], grey[0]) for k in range(3))  # greyscale -> 3 channels
     assert torch.equal(c[0, :, :3, 4], c[0, :, :3, 3]) and torch.equal(c[0, :, 3, :], c[0, :, 2, :])  # edge repeated
     assert not c[0, :, 4:, :].any() and not c[0, :, :3, 5:].any()  # then zeros
@@ -118,7 +119,7 @@ def test_collate_pads_with_the_edge_and_a_batch_starts_with_a_canvas():
 def test_a_box_at_its_own_size_is_copied_and_flips_mirror():
     canvas = torch.randint(0, 256, (2, 3, 9, 11), dtype=torch.uint8)
     box = torch.tensor([[2.0, 1.0, 9.0, 8.0], [0.0, 0.0, 7.0, 7.0]])
-    out = crop_regions(canvas, torch.tensor([0, 1]), box, torch.tensor([False, True]), 7)
+    out = crop_regions(canvas.permute(0, 2, 3, 1), torch.tensor([0, 1]), box, torch.tensor([False, True]), 7)
     assert torch.equal(out[0], canvas[0, :, 1:8, 2:9])  # one sample per output pixel, at the pixel centres
     assert torch.equal(out[1], canvas[1, :, 0:7, 0:7].flip(-1))
 
@@ -168,3 +169,29 @@ def test_pretraining_with_device_crops_and_replay(tmp_path, demo_data):
     final = read_json(out / "final.json")
     assert final["status"] == "finished" and final["corrupt_samples"] == 0
     assert final["decoded"] < final["samples"] and math.isfinite(final["final_loss"])
+
+
+def test_the_crop_box_draw_is_torchvisions_draw_for_draw():
+    """``resized_crop_params`` (fewer torch calls) = ``RandomResizedCrop.get_params``: the same box and the same
+    generator state after it, over sizes, scales and ratios that hit the fallback too."""
+    import random
+
+    from torchvision.transforms import RandomResizedCrop
+
+    from mae_curriculum.data.transforms import resized_crop_params
+
+    rng = random.Random(0)
+    for k in range(3000):
+        h, w = rng.randint(1, 900), rng.choice([rng.randint(1, 900), rng.randint(1, 20)])
+        if k < 3:  # 10 failed attempts: the fallback (a 1-pixel-high image cannot hold any drawn box)
+            h, w = 1, 900
+        scale = rng.choice([(0.2, 1.0), (0.08, 1.0), (0.9, 1.0)])
+        ratio = rng.choice([(3 / 4, 4 / 3), (0.5, 2.0), (1.0, 1.0)])
+        torch.manual_seed(k)
+        ref = RandomResizedCrop.get_params(torch.empty(1).expand(1, h, w), list(scale), list(ratio))
+        after_ref = torch.rand(2)
+        torch.manual_seed(k)
+        got = resized_crop_params(h, w, scale, ratio)
+        assert tuple(ref) == tuple(got) and torch.equal(after_ref, torch.rand(2)), (k, h, w, ref, got)
+        if k < 3:
+            assert got == (0, 449, 1, 1)  # the central 1 x 1 crop of the fallback

@@ -60,6 +60,10 @@ ARCHIVES = {
     "truncated header": plain(2) + member("h.jpg", b"t")[:300],
     "garbage after the members": plain(2) + b"\x01" * 700,
     "bad octal mode": plain(1) + with_field(member("m.jpg", b"s" * 9), 100, b"9999999\0") + END,
+    "base-256 uid": plain(1) + with_field(member("u.jpg", b"r" * 9), 108, b"\x80" + b"\0" * 6 + b"\x05") + plain(1, 1)
+    + END,
+    "signed mtime": plain(1) + with_field(member("t.jpg", b"p" * 9), 136, b"+17\0") + plain(1, 1) + END,
+    "tab in a field": plain(1) + with_field(member("v.jpg", b"o" * 9), 116, b"\t17 2\0") + plain(1, 1) + END,
     "data past the end": plain(2) + big_header("big.jpg", 5000) + b"v" * 100,
 }
 

@@ -8,8 +8,9 @@ shares the decode between r crops (docs/benchmarks.md, issue 14). Here it moves 
   JPEG once (DCT-scaled when even the smallest box keeps twice the output size, the worker path's rule) and keeps
   only the union of the r boxes: the *canvas*, uint8 at the decoded resolution, no resize. The row of the first
   crop carries the canvas; the r - 1 rows after it carry only their boxes and flips.
-* **collate** (:func:`collate_regions`): the canvases of a batch padded into one uint8 (G, 3, H, W) tensor (edge
-  pixels repeated once, then zeros),
+* **collate** (:func:`collate_regions`): the canvases of a batch padded into one uint8 (G, H, W, 3) tensor (channels
+  last, the decoders' layout: a copy of whole rows, ~8x faster than into channels first; edge pixels repeated once,
+  then zeros),
   each row's canvas index, box (x1, y1, x2, y2 in canvas pixels) and flip.
 * **device** (:class:`DeviceCropper`): one ``torchvision.ops.roi_align`` call (bilinear, adaptive sampling:
   ceil(box / S) samples per output pixel and axis, averaged: an area-like anti-alias filter) gives every row its
@@ -56,18 +57,18 @@ def collate_regions(rows: list[dict]) -> dict:
     canvases = [r["canvas"] for r in rows if r.get("canvas") is not None]
     h = max(c.shape[1] for c in canvases)
     w = max(c.shape[2] for c in canvases)
-    canvas = _empty_shared((len(canvases), 3, h, w))
+    canvas = _empty_shared((len(canvases), h, w, 3))  # channels last: the decoders' own layout, rows copy whole
     for k, c in enumerate(canvases):
         ch, cw = c.shape[1:]
-        canvas[k, :, :ch, :cw] = c  # a greyscale canvas broadcasts to 3 channels
+        canvas[k, :ch, :cw] = c.permute(1, 2, 0)  # a greyscale canvas broadcasts to 3 channels
         # the padding: its first row / column repeats the canvas's edge (roi_align's bilinear samples may reach one
         # pixel past a box that ends at the canvas edge: the image's own edge, as at the padded tensor's), then 0
         if cw < w:
-            canvas[k, :, :ch, cw] = canvas[k, :, :ch, cw - 1]
-            canvas[k, :, :ch, cw + 1:] = 0
+            canvas[k, :ch, cw] = canvas[k, :ch, cw - 1]
+            canvas[k, :ch, cw + 1:] = 0
         if ch < h:
-            canvas[k, :, ch, :] = canvas[k, :, ch - 1, :]
-            canvas[k, :, ch + 1:, :] = 0
+            canvas[k, ch] = canvas[k, ch - 1]
+            canvas[k, ch + 1:] = 0
     group, boxes, g = [], [], -1
     for r in rows:
         g += r.get("canvas") is not None
@@ -87,7 +88,7 @@ def collate_regions(rows: list[dict]) -> dict:
 
 def crop_regions(canvas: torch.Tensor, group: torch.Tensor, box: torch.Tensor, flip: torch.Tensor,
                  size: int) -> torch.Tensor:
-    """uint8 canvases (G, 3, H, W) on the device + per row (group, box x1 y1 x2 y2, flip) -> uint8 (N, 3, size,
+    """uint8 canvases (G, H, W, 3) on the device + per row (group, box x1 y1 x2 y2, flip) -> uint8 (N, 3, size,
     size) on the device: roi_align (aligned, adaptive sampling), rounded, flipped where asked."""
     from torchvision.ops import roi_align
 
@@ -101,8 +102,8 @@ def crop_regions(canvas: torch.Tensor, group: torch.Tensor, box: torch.Tensor, f
         if len(rows) == 0:
             continue
         rois = torch.cat([(group[rows] - g0).to(torch.float32)[:, None], box[rows]], 1)
-        x = roi_align(canvas[g0:g0 + chunk].float(), rois, (size, size), spatial_scale=1.0, sampling_ratio=-1,
-                      aligned=True)
+        x = roi_align(canvas[g0:g0 + chunk].permute(0, 3, 1, 2).float(), rois, (size, size), spatial_scale=1.0,
+                      sampling_ratio=-1, aligned=True)
         out[rows] = x.round_().clamp_(0, 255).to(torch.uint8)
     if bool(flip.any()):
         out[flip] = out[flip].flip(-1)

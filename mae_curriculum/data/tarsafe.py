@@ -20,6 +20,7 @@ import bz2
 import gzip
 import lzma
 import os
+import re
 import tarfile
 from typing import BinaryIO, Iterator
 
@@ -99,6 +100,9 @@ class _HeaderView:
 
 
 _NUMERIC_FIELDS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))
+# an octal field in its common form: spaces, octal digits, spaces, then a NUL and anything (tarfile reads up to the
+# first NUL): it parses; any other form is parsed by _octal (as tarfile's nti would)
+_PLAIN_FIELD = re.compile(rb" *[0-7]* *(?:\0[\s\S]*)?")
 
 
 def _octal(field: bytes) -> int | None:
@@ -119,8 +123,8 @@ def _plain_member(buf: bytes, offset: int) -> tarfile.TarInfo | None:
     chksum, size = _octal(buf[148:156]), _octal(buf[124:136])
     if chksum is None or size is None or chksum != sum(buf) - sum(buf[148:156]) + 256:
         return None
-    if any(_octal(buf[a:b]) is None for a, b in _NUMERIC_FIELDS):
-        return None
+    if not all(_PLAIN_FIELD.fullmatch(buf, a, b) or _octal(buf[a:b]) is not None for a, b in _NUMERIC_FIELDS):
+        return None  # mode, uid, gid, mtime, devmajor, devminor: tarfile parses them all and refuses the header
     name = buf[0:100].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
     prefix = buf[345:500].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
     m = tarfile.TarInfo(prefix + "/" + name if prefix else name)
