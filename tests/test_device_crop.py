@@ -195,3 +195,17 @@ def test_the_crop_box_draw_is_torchvisions_draw_for_draw():
         assert tuple(ref) == tuple(got) and torch.equal(after_ref, torch.rand(2)), (k, h, w, ref, got)
         if k < 3:
             assert got == (0, 449, 1, 1)  # the central 1 x 1 crop of the fallback
+
+
+def test_canvases_cropped_in_chunks_give_the_same_batch(monkeypatch):
+    """Past MAX_FLOAT_BYTES of canvases the crop runs group chunk by group chunk: the same rows come out."""
+    import mae_curriculum.data.device_crop as dc
+
+    canvas = torch.randint(0, 256, (5, 30, 40, 3), dtype=torch.uint8)
+    group = torch.tensor([0, 0, 1, 2, 2, 3, 4, 4])
+    box = torch.tensor([[1.0, 2.0, 30.0, 25.0], [0.0, 0.0, 40.0, 30.0]] * 4)
+    flip = torch.tensor([0, 1, 0, 1, 0, 0, 1, 1], dtype=torch.bool)
+    whole = crop_regions(canvas, group, box, flip, 16)
+    monkeypatch.setattr(dc, "MAX_FLOAT_BYTES", 30 * 40 * 3 * 4 * 2)  # two canvases per chunk
+    assert torch.equal(crop_regions(canvas, group, box, flip, 16), whole)
+    assert torch.equal(whole[1], crop_regions(canvas[:1], group[:1], box[1:2], flip[:1], 16)[0].flip(-1))

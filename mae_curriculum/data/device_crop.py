@@ -90,24 +90,28 @@ def crop_regions(canvas: torch.Tensor, group: torch.Tensor, box: torch.Tensor, f
                  size: int) -> torch.Tensor:
     """uint8 canvases (G, H, W, 3) on the device + per row (group, box x1 y1 x2 y2, flip) -> uint8 (N, 3, size,
     size) on the device: roi_align (aligned, adaptive sampling), rounded, flipped where asked."""
-    from torchvision.ops import roi_align
-
     dev = canvas.device
     group, box, flip = group.to(dev), box.to(dev), flip.to(dev)
-    out = torch.empty((len(group), 3, size, size), dtype=torch.uint8, device=dev)
     per_group = canvas[0].numel() * 4 if len(canvas) else 1
     chunk = max(1, MAX_FLOAT_BYTES // max(1, per_group))
-    for g0 in range(0, len(canvas), chunk):
-        rows = ((group >= g0) & (group < g0 + chunk)).nonzero().flatten()
-        if len(rows) == 0:
-            continue
-        rois = torch.cat([(group[rows] - g0).to(torch.float32)[:, None], box[rows]], 1)
-        x = roi_align(canvas[g0:g0 + chunk].permute(0, 3, 1, 2).float(), rois, (size, size), spatial_scale=1.0,
-                      sampling_ratio=-1, aligned=True)
-        out[rows] = x.round_().clamp_(0, 255).to(torch.uint8)
-    if bool(flip.any()):
-        out[flip] = out[flip].flip(-1)
-    return out
+    if len(canvas) <= chunk:  # one call, no host sync
+        out = _roi(canvas, group, box, size)
+    else:  # bound the float copy of the canvases: groups in chunks
+        out = torch.empty((len(group), 3, size, size), dtype=torch.uint8, device=dev)
+        for g0 in range(0, len(canvas), chunk):
+            rows = ((group >= g0) & (group < g0 + chunk)).nonzero().flatten()
+            if len(rows):
+                out[rows] = _roi(canvas[g0:g0 + chunk], group[rows] - g0, box[rows], size)
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+def _roi(canvas: torch.Tensor, group: torch.Tensor, box: torch.Tensor, size: int) -> torch.Tensor:
+    from torchvision.ops import roi_align
+
+    rois = torch.cat([group.to(torch.float32)[:, None], box], 1)
+    x = roi_align(canvas.permute(0, 3, 1, 2).float(), rois, (size, size), spatial_scale=1.0, sampling_ratio=-1,
+                  aligned=True)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 class DeviceCropper:
