@@ -27,8 +27,11 @@ Parts (``--parts``, default all, in this order):
   (``--finetune-config``, default configs/supervised_deit_s.yaml) as subprocesses on the shards, with a budget
   sized so the first stage change comes at step ``--change-step``: run 1 stops two steps before it (final
   checkpoint), run 2 resumes from that checkpoint (``--resume auto``) and trains across the stage change. Checks:
-  exit 0 twice, "resumed from" in run 2's log, at least two curriculum sizes in TensorBoard. The two scripts run
-  side by side, after the measurements (with ``--quick``: beside them, to keep the CI smoke test short).
+  exit 0 twice, "resumed from" in run 2's log, at least two curriculum sizes in TensorBoard. ``pretrain.py`` runs
+  twice: as configured, and with the issue-14 loader (``data.crop=device``, ``data.stage_sized_decode=true``,
+  ``curriculum.replay`` 4 / 2 / 1 by stage group), so the device crops run through a stage change and a resume on
+  the GPU. The three run side by side, after the measurements (with ``--quick``: beside them, to keep the CI smoke
+  test short).
 
 Data: ``--shards DIR`` (a shard folder with labels), else the imagewoof subset in ``../shared/data`` (real
 ImageNet JPEGs, short side 320; Imagenette when it is absent) is written once into ``--cache``, its images repeated
@@ -353,24 +356,40 @@ def _epochs_for_change(cfg, script: str, batch: int, workers: int, n: int, chang
     return (change_step - 0.5) * batch * cost(first) / (boundary * epoch_images * cost(m.img_size))
 
 
+# the script checks: pretrain.py as configured, pretrain.py with the issue-14 loader (device crops, stage-sized S,
+# replay 4 / 2 / 1 by stage group: the roi_align path on the GPU through a stage change and a resume), finetune.py
+SCRIPTS = ("pretrain", "pretrain_device_crop", "finetune")
+
+
+def _device_crop_overrides(cfg) -> list[str]:
+    from mae_curriculum.curriculum.schedule import replay_by_group, schedule_for
+
+    replay = replay_by_group(schedule_for(cfg.curriculum, cfg.model.img_size, cfg.model.patch_size))
+    return ["data.crop=device", "data.stage_sized_decode=true", f"curriculum.replay=[{', '.join(map(str, replay))}]"]
+
+
 def script_cmds(a, script: str, train: Path, val: Path, out: Path) -> tuple[list[str], list[str], int]:
     from mae_curriculum.config import PretrainConfig, load_config
     from mae_curriculum.config_finetune import FinetuneConfig
 
-    config = a.pretrain_config if script == "pretrain" else a.finetune_config
+    kind = "finetune" if script == "finetune" else "pretrain"
+    config = a.pretrain_config if kind == "pretrain" else a.finetune_config
     over = [f"output_dir={out}", f"data.train_shards={train}", f"data.val_shards={val}",
             f"train.batch_size={a.script_batch}", "train.grad_accum=1", f"data.num_workers={a.workers}",
             "data.shuffle_buffer=256", "checkpoint.every_minutes=0", "checkpoint.every_epochs=0", "log.every_steps=1",
             "log.progress_bar=false"]
-    if script == "pretrain":
+    if kind == "pretrain":
         over += ["log.vis_every_epochs=0"] + (TINY_MAE if a.quick else [])
         cfg = load_config(PretrainConfig, Path(config), over)
+        if script == "pretrain_device_crop":
+            over += _device_crop_overrides(cfg)
+            cfg = load_config(PretrainConfig, Path(config), over)
     else:
         over += ["model.num_classes=0"] + (TINY_VIT if a.quick else [])
         cfg = load_config(FinetuneConfig, Path(config), over)
     n = load_index(train).num_samples
-    epochs = _epochs_for_change(cfg, script, a.script_batch, a.workers, n, a.change_step)
-    base = [sys.executable, str(ROOT / f"{script}.py"), "--config", config, *over, f"train.epochs={epochs!r}"]
+    epochs = _epochs_for_change(cfg, kind, a.script_batch, a.workers, n, a.change_step)
+    base = [sys.executable, str(ROOT / f"{kind}.py"), "--config", config, *over, f"train.epochs={epochs!r}"]
     first = max(1, a.change_step - 2)
     return base + [f"train.max_steps={first}"], base + [f"train.max_steps={a.change_step + 2}"], first
 
@@ -398,7 +417,7 @@ def run_script(a, script: str, train: Path, val: Path, work: Path, results: dict
         env.pop(k, None)
     if a.dev.type != "cuda":
         env["OMP_NUM_THREADS"] = "1"
-    rec: dict = {"config": a.pretrain_config if script == "pretrain" else a.finetune_config, "ok": False}
+    rec: dict = {"config": a.finetune_config if script == "finetune" else a.pretrain_config, "ok": False}
     try:
         first, second, stop = script_cmds(a, script, train, val, out)
         rec["runs"] = []
@@ -417,7 +436,8 @@ def run_script(a, script: str, train: Path, val: Path, work: Path, results: dict
             import json
 
             f = json.loads(final.read_text())
-            rec["final"] = {k: f.get(k) for k in ("step", "steps", "samples", "status", "loss", "final_loss", "top1")}
+            rec["final"] = {k: f.get(k) for k in ("step", "steps", "samples", "decoded", "status", "loss",
+                                                  "final_loss", "top1")}
         runs = rec["runs"]
         rec["ok"] = (len(runs) == 2 and all(r["returncode"] == 0 for r in runs) and runs[1]["resumed"]
                      and len(rec["sizes"]) >= 2)
@@ -431,7 +451,7 @@ def start_scripts(a, train: Path, val: Path, res: dict):
     work = Path(tempfile.mkdtemp(prefix="gpu_suite_scripts_"))
     results: dict = {}
     threads = [threading.Thread(target=run_script, args=(a, s, train, val, work, results))
-               for s in ("pretrain", "finetune")]
+               for s in SCRIPTS]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -487,10 +507,11 @@ def markdown(res: dict) -> str:
         lines += [f"data.decode gpu{' (CPU stand-in)' if d['cpu_stand_in'] else ''}, {d['workers']} workers: "
                   + ", ".join(f"B {r['size']} (S {r['crop_size']}) {r['img_s']:.0f} img/s" for r in d["rows"]), ""]
     if "scripts" in res:
-        for s in ("pretrain", "finetune"):
+        for s in SCRIPTS:
             r = res["scripts"].get(s, {})
             runs = r.get("runs", [])
-            lines.append(f"- `{s}.py` ({Path(r.get('config', '?')).name}): {'PASS' if r.get('ok') else 'FAIL'}; "
+            name = "pretrain.py` with device crops + replay" if s == "pretrain_device_crop" else f"{s}.py`"
+            lines.append(f"- `{name} ({Path(r.get('config', '?')).name}): {'PASS' if r.get('ok') else 'FAIL'}; "
                          f"sizes {r.get('sizes')}, runs {[x['returncode'] for x in runs]} in "
                          f"{[x['seconds'] for x in runs]} s, resumed {bool(runs[1:] and runs[1]['resumed'])}"
                          + (f"; {r['error']}" if "error" in r else ""))
@@ -564,8 +585,7 @@ def main(argv=None) -> int:
     md = markdown(res)
     Path(a.md).write_text(md)
     print(md)
-    ok = "errors" not in res and all(res.get("scripts", {}).get(s, {}).get("ok", True)
-                                     for s in ("pretrain", "finetune"))
+    ok = "errors" not in res and all(res.get("scripts", {}).get(s, {}).get("ok", True) for s in SCRIPTS)
     return 0 if ok else 1
 
 

@@ -152,7 +152,9 @@ def test_gpu_suite_quick(tmp_path):
             assert r["replay"] == (({min(sizes): 4, final: 1}.get(b, 2)) if path.endswith("replay") else 1)
         assert p["inflation_at_workers"] >= 1.0
     assert all(_positive(r["img_s"]) for r in res["decode"]["rows"]) and res["decode"]["cpu_stand_in"]
-    for script in ("pretrain", "finetune"):
+    dc = res["scripts"]["pretrain_device_crop"]["final"]
+    assert dc["decoded"] < dc["samples"]  # replayed (the device crops ran with replay 4 / 2 / 1)
+    for script in ("pretrain", "pretrain_device_crop", "finetune"):
         s = res["scripts"][script]
         assert s["ok"], s
         assert s["runs"][1]["resumed"] and len(s["sizes"]) >= 2  # the resumed run crossed the stage change
