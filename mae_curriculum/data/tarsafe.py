@@ -137,8 +137,8 @@ def members(f: BinaryIO, start: int = 0, size: int | None = None) -> Iterator[ta
     with offsets relative to ``start``. Raises :class:`tarfile.TarError` when the rest cannot be read, e.g.
     :class:`TarLimitError` for a member that would end past ``size``.
 
-    With ``size`` known, plain regular-file headers (what tar writers put in shards) are parsed here, ~4x faster
-    than tarfile (its header parse was ~0.1 ms per sample of the loader's time); at the first header of any other
+    With ``size`` known, plain regular-file headers (what tar writers put in shards) are parsed here, in about half
+    tarfile's time (profiled: ~25 vs ~50 us per header, three headers per sample); at the first header of any other
     kind (extensions, other types, a bad checksum, a short read; not the end-of-archive block) tarfile reads the
     archive again from the start and takes over after the members already given, so it decides exactly as
     before."""
