@@ -18,6 +18,7 @@ from mae_curriculum.data.device_crop import collate_regions, crop_regions
 from mae_curriculum.data.index import load_index
 from mae_curriculum.data.loader import ShardLoader, StreamSpec, stage_crop_size
 from mae_curriculum.data.transforms import AugmentConfig
+from mae_curriculum.data.transport import restore
 from mae_curriculum.engine.inputs import at_size
 
 FINAL = 224
@@ -68,7 +69,7 @@ def test_a_group_shares_one_canvas_and_two_workers_give_the_worker_paths_rows(wo
     index = load_index(woof)
     with loader_for(index, "device") as raw:
         raw.start_epoch(0, replays=[4] * raw.steps_in_epoch())
-        first = next(iter(raw.loader))  # as the workers hand it over
+        first = restore(next(iter(raw.loader)))  # as the workers hand it over
     assert first["canvas"].shape[0] == 2 and torch.equal(first["group"], torch.arange(8) // 4)
     assert torch.equal(first["fresh"], (torch.arange(8) % 4 == 0).long())
     # every box is a non-empty box inside the (padded) canvases

@@ -25,10 +25,9 @@ resume hold as there (roi_align's forward is deterministic on a given device).
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch.utils.data import get_worker_info
+
+from mae_curriculum.data.transport import shared_empty
 
 CROP_MODES = ("workers", "device")
 MAX_FLOAT_BYTES = 512 << 20  # canvases converted to float at once (more are cropped in chunks of groups)
@@ -40,14 +39,6 @@ def check_crop(mode: str) -> str:
     return mode
 
 
-def _empty_shared(shape: tuple[int, ...]) -> torch.Tensor:
-    """uint8 tensor of ``shape``; in a loader worker, in shared memory from the start (as ``default_collate`` does:
-    a plain tensor is copied into shared memory when it is sent to the main process)."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape)), 0, shape)
-
-
 def collate_regions(rows: list[dict]) -> dict:
     """DataLoader ``collate_fn`` of the device-crop path. A row with ``canvas`` (uint8 (C, h, w), C = 1 or 3) starts
     a group; the rows after it without one crop the same canvas. ``box`` = (top, left, height, width) in canvas
@@ -57,7 +48,7 @@ def collate_regions(rows: list[dict]) -> dict:
     canvases = [r["canvas"] for r in rows if r.get("canvas") is not None]
     h = max(c.shape[1] for c in canvases)
     w = max(c.shape[2] for c in canvases)
-    canvas = _empty_shared((len(canvases), h, w, 3))  # channels last: the decoders' own layout, rows copy whole
+    canvas = shared_empty((len(canvases), h, w, 3))  # channels last: the decoders' own layout, rows copy whole
     for k, c in enumerate(canvases):
         ch, cw = c.shape[1:]
         canvas[k, :ch, :cw] = c.permute(1, 2, 0)  # a greyscale canvas broadcasts to 3 channels

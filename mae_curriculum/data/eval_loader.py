@@ -24,6 +24,7 @@ from mae_curriculum.data.index import ShardIndex
 from mae_curriculum.data.loader import (MAX_MEMBER_BYTES, ClosableLoader, decode_label, exit_if_orphaned, image_bytes,
                                         read_raw, worker_init_fn)
 from mae_curriculum.data.transforms import AugmentConfig, SampleTransform
+from mae_curriculum.data.transport import inline_small, restore, shared_empty
 
 
 def rank_chunk(num_samples: int, world: int, rank: int) -> np.ndarray:
@@ -53,7 +54,7 @@ class EvalStream(IterableDataset):
         transform = SampleTransform(AugmentConfig(size=self.size, train=False), self.max_pixels)
         raw = read_raw(self.index, ids[first * self.batch: last * self.batch], lambda e: None, self.max_member_bytes)
         for _ in range(first, last):
-            images = torch.zeros(self.batch, 3, self.size, self.size, dtype=torch.uint8)
+            images = shared_empty((self.batch, 3, self.size, self.size)).zero_()
             labels = torch.full((self.batch,), -1, dtype=torch.int64)
             sids = torch.full((self.batch,), -1, dtype=torch.int64)
             valid = torch.zeros(self.batch, dtype=torch.bool)
@@ -74,8 +75,9 @@ class EvalStream(IterableDataset):
                     valid[j] = True
                 except Exception:
                     unreadable += 1
-            yield {"image": images, "label": labels, "id": sids, "valid": valid,
-                   "unreadable": torch.tensor(unreadable)}
+            # (the per-row fields travel inline, not one shared-memory file per tensor: data/transport.py)
+            yield inline_small({"image": images, "label": labels, "id": sids, "valid": valid,
+                                "unreadable": torch.tensor(unreadable)})
 
 
 class EvalLoader(ClosableLoader):
@@ -100,7 +102,8 @@ class EvalLoader(ClosableLoader):
 
     def __iter__(self):
         try:
-            yield from self.loader
+            for batch in self.loader:
+                yield restore(batch)
         except Exception:  # e.g. re-raised from a worker: no worker outlives it
             self.close()
             raise

@@ -90,6 +90,7 @@ from mae_curriculum.data.gpu_decode import BatchDecoder, check_decode, encode_sa
 from mae_curriculum.data.index import IMAGE_EXTS, ShardIndex, shard_samples, split_name
 from mae_curriculum.data.remote import open_shard
 from mae_curriculum.data.transforms import AugmentConfig, SampleTransform, auto_max_pixels, seed_sample
+from mae_curriculum.data.transport import InlineSmall, collate_rows, restore
 
 log = logging.getLogger(__name__)
 
@@ -470,7 +471,10 @@ def worker_init(_: int, parent: int) -> None:
     _PARENT_PID = parent
     if sys.platform.startswith("linux"):  # the kernel SIGKILLs us when the parent (thread) exits
         try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+            if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0:
+                if os.getppid() != parent:  # the parent died before prctl
+                    os._exit(1)
+                _PARENT_PID = None  # the kernel watches: exit_if_orphaned() (a syscall per sample) has nothing to do
         except (OSError, AttributeError):  # no prctl in this libc: exit_if_orphaned() remains
             pass
     exit_if_orphaned()  # the parent may have died before prctl
@@ -567,17 +571,20 @@ class ShardLoader(ClosableLoader):
         if spec.num_workers > 0:
             kw = dict(persistent_workers=True, prefetch_factor=4, worker_init_fn=worker_init_fn())
         self.cropper: DeviceCropper | None = None
+        collate = collate_rows
         if check_decode(spec.decode) == "gpu":
             self.decoder = BatchDecoder(spec.augment.size, decode_device)
-            kw["collate_fn"] = make_collate(spec.augment.size)
+            collate = make_collate(spec.augment.size)
         if check_crop(spec.crop) == "device":
             if spec.decode != "cpu" or spec.augment.randaug_magnitude >= 0 or not spec.augment.train:
                 raise ValueError("device crops (data.crop: device) need data.decode: cpu, training crops and no "
                                  "RandAugment (pre-training)")
             self.cropper = DeviceCropper(spec.augment.size, decode_device)
-            kw["collate_fn"] = collate_regions
+            collate = collate_regions
+        # the per-row fields travel inline, not one shared-memory file per tensor (data/transport.py); __iter__
+        # turns them back into tensors
         self.loader = DataLoader(self.dataset, batch_size=spec.batch_size, num_workers=spec.num_workers,
-                                 pin_memory=pin_memory, drop_last=False, **kw)
+                                 pin_memory=pin_memory, drop_last=False, collate_fn=InlineSmall(collate), **kw)
         self.epoch = 0
         self.step_in_epoch = 0
         self._track()
@@ -666,6 +673,7 @@ class ShardLoader(ClosableLoader):
     def __iter__(self):
         try:
             for batch in self.loader:
+                batch = restore(batch)
                 if self.decoder is not None or self.cropper is not None:
                     k = self.step_in_epoch
                     size = int(self.dataset.sizes[k]) if k < len(self.dataset.sizes) else 0
