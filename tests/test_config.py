@@ -94,3 +94,14 @@ def test_cli_prints_one_line_and_exits_2():
     r = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), "--config", "missing.yaml"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: config file not found: missing.yaml"
+
+
+def test_the_documented_fast_loader_variant_of_vit_b_loads(tmp_path):
+    """configs/vit_b.yaml documents the loader settings that data_capacity.py measured under 12 cores per GPU at
+    every stage (issue 14); they must stay valid for that config (replay factors per stage dividing its batch)."""
+    variant = ['data.stage_sized_decode=true', 'data.crop=device', 'curriculum.replay=[8, 8, 2, 2, 2, 2, 1, 1, 1, 1]']
+    text = (ROOT / "configs" / "vit_b.yaml").read_text()
+    assert " ".join(v if "[" not in v else f'"{v}"' for v in variant) in text  # the comment shows these exactly
+    cfg = load_config(PretrainConfig, ROOT / "configs" / "vit_b.yaml", shards_here(tmp_path) + variant)
+    assert cfg.data.stage_sized_decode and cfg.data.crop == "device" and cfg.curriculum.replay[0] == 8
+    assert not load_config(PretrainConfig, ROOT / "configs" / "vit_b.yaml", shards_here(tmp_path)).curriculum.replay

@@ -397,9 +397,6 @@ class ShardStream(IterableDataset):
             if pos < skip:
                 continue  # already consumed before the resume: skipped undecoded
             step = (pos // s.batch_size) * nw + worker
-            m_step = int(mag_plan[step]) if step < len(mag_plan) and mag_plan[step] != MAGNITUDE_UNSET else magnitude
-            transform = (self._get_transform(int(plan[step]), m_step, int(out_plan[step])) if step < len(plan)
-                         else self._get_transform(0, m_step))
             for e in errors:
                 log.warning("%s", e)
             errors.clear()
@@ -410,6 +407,9 @@ class ShardStream(IterableDataset):
             if replica and replicas:
                 yield replicas.pop(0)
                 continue
+            m_step = int(mag_plan[step]) if step < len(mag_plan) and mag_plan[step] != MAGNITUDE_UNSET else magnitude
+            transform = (self._get_transform(int(plan[step]), m_step, int(out_plan[step])) if step < len(plan)
+                         else self._get_transform(0, m_step))
             img = None  # {"image": tensor} or, on the GPU path, possibly {"jpeg": bytes, "params": ...}
             data = None if replica else image_bytes(sample)  # a replica without its anchor's crops: a stand-in
             if data is not None:
