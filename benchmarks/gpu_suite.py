@@ -64,7 +64,7 @@ import torch  # noqa: E402
 
 from common import (DEFAULT_PEAK_TFLOPS, ROOT, EngineTrainer, environment, flops_per_image, pick_device,  # noqa: E402
                     preset, print_table, sync, write_json)
-from data_capacity import compute_shares, inflation  # noqa: E402
+from data_capacity import compute_shares, inflation, replay_by_size  # noqa: E402
 from throughput import run_engine_mode  # noqa: E402
 
 from mae_curriculum.curriculum.fourier import fourier_crop  # noqa: E402
@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=128, help="micro-batch of the model and loader parts")
     p.add_argument("--workers", type=int, default=12, help="loader worker processes (capped at the CPU count - 1)")
     p.add_argument("--loader-paths", default=",".join(LOADER_PATHS))
+    p.add_argument("--replay", default="", help="loader part: replay factor per stage of the schedule for the *_replay "
+                   "paths, comma-separated (default: the authors' 4 / 2 / 1 by stage group; configs/vit_b.yaml's loader "
+                   "variant: 8,8,2,2,2,2,1,1,1,1)")
     p.add_argument("--loader-steps", type=int, default=24, help="timed loader+model steps per stage and path")
     p.add_argument("--loader-only-steps", type=int, default=16)
     p.add_argument("--decode-images", type=int, default=2048)
@@ -249,7 +252,8 @@ def loader_part(a, cfg: dict, sizes: list[int], index, tr: EngineTrainer, res: d
     model_ips = {r["size"]: r["images_per_s"] for r in res["model"]["eager"]["rows"]}
     shares = compute_shares(schedule, lambda s: flops_per_image(cfg, s))
     out = {"workers": a.workers, "batch": a.batch, "paths": {}}
-    replay = dict(zip((st.size for st in schedule.stages), replay_by_group(schedule)))
+    replay = replay_by_size(schedule, [int(x) for x in a.replay.split(",")] if a.replay else replay_by_group(schedule))
+    out["replay"] = [replay[st.size] for st in schedule.stages]
     for path in a.path_list:
         crop = "device" if "device_crop" in path else "workers"
         loader = ShardLoader(_spec(index, a, final, a.workers, crop=crop), pin_memory=a.dev.type == "cuda",

@@ -130,8 +130,10 @@ def test_gpu_suite_quick(tmp_path):
     """The GPU check's code paths on a CPU: model (eager engine step + Fourier-crop share), real loader + model for
     the three loader paths, GPU decode (CPU stand-in), pretrain.py / finetune.py through a stage change, a
     checkpoint and a resume; CUDA-only figures null and listed as skipped; JSON + markdown written."""
-    res = _bench("gpu_suite", tmp_path, "--cache", str(tmp_path / "cache"))
+    variant = [8, 8, 2, 2, 2, 2, 1, 1, 1, 1]  # configs/vit_b.yaml's loader variant (issue 14)
+    res = _bench("gpu_suite", tmp_path, "--cache", str(tmp_path / "cache"), "--replay", ",".join(map(str, variant)))
     _check_env(res)
+    assert res["loader"]["replay"] == variant
     assert res["benchmark"] == "gpu_suite" and res["settings"]["quick"] and "errors" not in res
     sizes = res["settings"]["sizes"]
     assert len(sizes) >= 2
@@ -149,7 +151,7 @@ def test_gpu_suite_quick(tmp_path):
             b = r["size"]
             assert r["loader_output"] == (b if path == "lanczos" else final if path == "exact"
                                           else stage_crop_size(b, final, patch))
-            assert r["replay"] == (({min(sizes): 4, final: 1}.get(b, 2)) if path.endswith("replay") else 1)
+            assert r["replay"] == (({min(sizes): 8, final: 1}.get(b, 2)) if path.endswith("replay") else 1)
         assert p["inflation_at_workers"] >= 1.0
     assert all(_positive(r["img_s"]) for r in res["decode"]["rows"]) and res["decode"]["cpu_stand_in"]
     dc = res["scripts"]["pretrain_device_crop"]["final"]
