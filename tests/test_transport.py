@@ -40,6 +40,24 @@ def test_small_fields_travel_inline_and_come_back_as_the_same_tensors():
     assert isinstance(inline_small({"x": big[:INLINE_BYTES]})["x"], np.ndarray)
 
 
+def test_the_pin_memory_thread_gets_every_field_back_as_a_pinned_tensor(monkeypatch):
+    """With pin_memory=True torch's pin-memory thread pins the batch: the inline fields must come back as pinned
+    tensors too (a non-blocking copy from pageable memory waits for the device's stream)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    rows = [{"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "label": k, "id": k, "corrupt": 0, "fresh": 1}
+            for k in range(4)]
+    sent = InlineSmall(collate_rows)(rows)
+    assert any(isinstance(v, np.ndarray) for v in sent.values())
+    pinned = []
+    if not torch.cuda.is_available():  # no pinned memory without a device: record what would be pinned
+        monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(self) or self.clone())
+    out = pin_memory(sent)
+    assert out.keys() == sent.keys() and all(isinstance(v, torch.Tensor) for v in out.values())
+    assert all(v.is_pinned() for v in out.values()) if torch.cuda.is_available() else len(pinned) == len(sent)
+    assert torch.equal(out["label"], torch.arange(4)) and torch.equal(restore(out)["label"], torch.arange(4))
+
+
 def _in_worker_types(loader: ShardLoader) -> dict:
     raw = next(iter(loader.loader))  # as the worker hands it over
     return {k: type(v) for k, v in raw.items()}

@@ -4,14 +4,17 @@ A tensor that a DataLoader worker sends is moved to shared memory and, under tor
 sharing strategy, its file descriptor is fetched by the main process over a socket from a server thread of the
 worker (``multiprocessing.resource_sharer``): one connection per tensor per batch, and a thread that takes the
 worker's GIL each time. For the per-row fields of a batch (labels, ids, crop boxes: a few hundred bytes) that costs
-far more than the data: measured with the device-crop path at replay 8 (32 rows, 8 tensors a batch), handing the
-small fields over as numpy arrays (pickled inline, through the worker's result pipe) raised the rows per second per
-worker from 2,576 to 3,590 with 2 workers (docs/benchmarks.md, issue 14).
+far more than the data: with the device-crop path at replay 8 (32 rows, 8 tensors a batch), handing the small
+fields over as numpy arrays (pickled inline, through the worker's result pipe) raised the images per second per
+worker at B = 96 from 2,386 / 2,306 to 3,301 / 3,162 with 2 workers (``benchmarks/data_capacity.py``, two runs;
+docs/benchmarks.md, issue 14).
 
 * worker side: :func:`shared_empty` allocates a batch's pixel tensor in shared memory from the start (as
   ``default_collate`` does: nothing is copied when it is sent); :func:`inline_small` turns every small tensor of a
-  batch into a numpy array.
-* main process: :func:`restore` turns them back into tensors (``torch.from_numpy``, no copy).
+  batch into a numpy array (an :class:`InlineBatch`).
+* main process: with ``pin_memory=True`` the DataLoader's pin-memory thread calls :meth:`InlineBatch.pin_memory`,
+  which turns every field back into a tensor and pins it (a non-blocking copy from pageable memory would wait for
+  the device's stream); :func:`restore` turns what is left into tensors (``torch.from_numpy``, no copy).
 """
 
 from __future__ import annotations
@@ -33,11 +36,24 @@ def shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> to
     return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
 
 
-def inline_small(batch: dict) -> dict:
+class InlineBatch(dict):
+    """A batch as it leaves a worker, its small fields numpy arrays. torch's ``pin_memory`` calls an object's own
+    ``pin_memory()`` before treating it as a mapping: here every field comes back as a pinned tensor."""
+
+    def pin_memory(self, *_) -> dict:
+        return {k: _as_tensor(v).pin_memory() if isinstance(v, (np.ndarray, torch.Tensor)) else v
+                for k, v in self.items()}
+
+
+def _as_tensor(v):
+    return torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+
+
+def inline_small(batch: dict) -> InlineBatch:
     """Worker side: the CPU tensors of ``batch`` of at most :data:`INLINE_BYTES` as numpy arrays (other values
     unchanged)."""
-    return {k: v.numpy() if isinstance(v, torch.Tensor) and v.device.type == "cpu" and not v.requires_grad
-            and v.nbytes <= INLINE_BYTES else v for k, v in batch.items()}
+    return InlineBatch({k: v.numpy() if isinstance(v, torch.Tensor) and v.device.type == "cpu" and not v.requires_grad
+                        and v.nbytes <= INLINE_BYTES else v for k, v in batch.items()})
 
 
 class InlineSmall:
@@ -65,7 +81,7 @@ def collate_rows(rows: list[dict]) -> dict:
 
 def restore(batch: dict) -> dict:
     """Main-process side of :func:`inline_small`: numpy arrays back to tensors (sharing their memory)."""
-    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    return {k: _as_tensor(v) for k, v in batch.items()}
 
 
-__all__ = ["INLINE_BYTES", "InlineSmall", "collate_rows", "inline_small", "restore", "shared_empty"]
+__all__ = ["INLINE_BYTES", "InlineBatch", "InlineSmall", "collate_rows", "inline_small", "restore", "shared_empty"]
