@@ -35,6 +35,8 @@ def test_small_fields_travel_inline_and_come_back_as_the_same_tensors():
     got = restore(pickle.loads(bytes(ForkingPickler.dumps(sent))))  # what the worker's result queue does
     for k, v in ref.items():
         assert isinstance(got[k], torch.Tensor) and got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    with pytest.raises(TypeError, match="'score' is a float"):
+        collate_rows([{"image": torch.zeros(1), "score": 0.5}])
     big = torch.zeros(INLINE_BYTES + 1, dtype=torch.uint8)
     assert inline_small({"x": big})["x"] is big  # over the bound: left to shared memory
     assert isinstance(inline_small({"x": big[:INLINE_BYTES]})["x"], np.ndarray)

@@ -74,8 +74,10 @@ def collate_rows(rows: list[dict]) -> dict:
     for k, v in rows[0].items():
         if isinstance(v, torch.Tensor):
             out[k] = torch.stack([r[k] for r in rows], out=shared_empty((len(rows), *v.shape), v.dtype))
-        else:
+        elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
             out[k] = torch.tensor([int(r[k]) for r in rows], dtype=torch.int64)
+        else:
+            raise TypeError(f"collate_rows: field {k!r} is a {type(v).__name__}, not a tensor or an int")
     return out
 
 
